@@ -1,0 +1,44 @@
+# One developer loop for humans and CI. `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast test-slow lint format typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/aqua-pipeline demo
+
+lint: install
+	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/ruff format --check pipeline tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format pipeline tests bench
+	$(VENV)/bin/ruff check --fix pipeline tests bench
+
+# pytest exits 5 when no test was collected; that is not a failure of the tree.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test: lint typecheck test-fast
+
+test-slow: install
+	$(PY) -m pytest -q -p no:cacheprovider -m slow; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+bench: install
+	$(PY) -m bench.transfer --sizes 64MiB
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The local AQuA simulator (work in progress)."""

@@ -1,0 +1,64 @@
+"""Builds aiobotocore clients from :class:`~pipeline.settings.AwsSettings`, with explicit timeouts and
+retries. The caller owns them: enter each on an ``AsyncExitStack`` (the app's cleanup context does)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from pipeline.settings import AwsSettings
+
+
+def client_config(aws: AwsSettings) -> AioConfig:
+    """Timeouts and retry policy for every AWS client, set in one place."""
+    return AioConfig(
+        connect_timeout=aws.connect_timeout_s,
+        read_timeout=aws.read_timeout_s,
+        retries={"max_attempts": aws.max_attempts, "mode": "standard"},
+        max_pool_connections=aws.max_pool_connections,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
+def client_kwargs(aws: AwsSettings) -> dict[str, Any]:
+    """Keyword arguments for ``session.create_client`` (region, endpoint, credentials, config)."""
+    kw: dict[str, Any] = {"region_name": aws.region, "config": client_config(aws)}
+    if aws.endpoint_url:
+        kw["endpoint_url"] = aws.endpoint_url
+    if aws.access_key_id and aws.secret_access_key:
+        kw["aws_access_key_id"] = aws.access_key_id
+        kw["aws_secret_access_key"] = aws.secret_access_key.get_secret_value()
+    return kw
+
+
+@dataclass(frozen=True)
+class AwsClients:
+    """The AWS clients the service uses, all opened on one exit stack."""
+
+    s3: Any
+    sqs: Any
+    sns: Any
+    dynamodb: Any
+    events: Any
+
+
+async def open_clients(stack: AsyncExitStack, aws: AwsSettings) -> AwsClients:
+    """Create every client on ``stack``; they close when the stack does."""
+    session = get_session()
+    kw = client_kwargs(aws)
+
+    async def make(service: str) -> Any:
+        return await stack.enter_async_context(session.create_client(service, **kw))
+
+    return AwsClients(
+        s3=await make("s3"),
+        sqs=await make("sqs"),
+        sns=await make("sns"),
+        dynamodb=await make("dynamodb"),
+        events=await make("events"),
+    )

@@ -1,0 +1,173 @@
+"""One typed, frozen settings object, read from the environment once (by the CLI) and passed down.
+
+Every variable starts with ``AQUA_PIPELINE_``; nested groups use ``__``, e.g.
+``AQUA_PIPELINE_AQUA__BASE_URL`` or ``AQUA_PIPELINE_S3__BUCKET``. ``docs/configuration.md`` lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AQUA_PIPELINE_"
+MIB = 1024 * 1024
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AquaSettings(_Group):
+    """How to reach Zuora (or the simulator)."""
+
+    base_url: str = "http://127.0.0.1:8090"
+    client_id: str = "sim-client"
+    client_secret: SecretStr = SecretStr("sim-secret")
+    entity_ids: str | None = None
+    org_ids: str | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0
+    max_attempts: int = Field(default=6, ge=1, le=20)
+    max_retry_time_s: float = Field(default=300.0, gt=0)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_cap_s: float = Field(default=30.0, gt=0)
+    token_refresh_margin_s: float = Field(default=60.0, ge=0)
+    chunk_size: int = Field(default=256 * 1024, ge=4096)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+
+class AwsSettings(_Group):
+    """Where AWS is. ``endpoint_url`` points every client at an emulator (moto) when set."""
+
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = Field(default=5, ge=1)
+    max_pool_connections: int = Field(default=32, ge=1)
+
+
+class S3Settings(_Group):
+    """The results bucket and how objects are written to it."""
+
+    bucket: str = "aqua-results"
+    prefix: str = "aqua"
+    key_template: str = "{prefix}/{partner}/{project}/{job_name}/{date}/{job_id}/{batch_name}{segment}.{ext}"
+    manifest_template: str = "{prefix}/_manifests/{job_id}.json"
+    part_size: int = Field(default=8 * MIB, ge=5 * MIB, le=5 * 1024 * MIB)
+    parts_in_flight: int = Field(default=4, ge=1, le=64)
+    checksum_algorithm: Literal["CRC32", "SHA256"] = "CRC32"
+    store_csv_gzip: bool = False
+    verify_record_count: bool = True
+    verify_csv_shape: bool = True
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = None
+
+
+class QueueSettings(_Group):
+    """The SQS work queue that carries one message per job to work on."""
+
+    work_queue_url: str | None = None
+    work_queue_name: str = "aqua-pipeline-work"
+    dlq_name: str = "aqua-pipeline-work-dlq"
+    max_receives: int = Field(default=5, ge=1, le=1000)
+    visibility_timeout_s: int = Field(default=60, ge=5, le=43200)
+    wait_time_s: int = Field(default=10, ge=0, le=20)
+    concurrency: int = Field(default=4, ge=1, le=256)
+    worker_enabled: bool = True
+
+
+class EventsSettings(_Group):
+    """Where completion events go."""
+
+    target: Literal["sns", "sqs", "eventbridge", "none"] = "sns"
+    topic_arn: str | None = None
+    topic_name: str = "aqua-pipeline-events"
+    queue_url: str | None = None
+    bus_name: str = "default"
+    source: str = "urn:aqua-pipeline"
+
+
+class LedgerSettings(_Group):
+    """The DynamoDB job ledger."""
+
+    table_name: str = "aqua-pipeline-jobs"
+    retention_days: int = Field(default=30, ge=1)
+
+
+class HttpSettings(_Group):
+    """The service's HTTP side."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_base_url: str = "http://127.0.0.1:8080"
+    callback_path: str = "/callbacks/aqua"
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+
+class SecuritySettings(_Group):
+    """Callback authentication and the admin API."""
+
+    signing_keys: list[SecretStr] = Field(default_factory=lambda: [SecretStr("dev-signing-key-change-me")])
+    token_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    require_token: bool = True
+    basic_user: str | None = None
+    basic_password: SecretStr | None = None
+    shared_secret: SecretStr | None = None
+    allow_cidrs: list[str] = Field(default_factory=list)
+    trusted_proxies: list[str] = Field(default_factory=list)
+    admin_token: SecretStr | None = None
+
+
+class ReconcilerSettings(_Group):
+    """Finds jobs whose callback never came."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=60.0, gt=0)
+    callback_grace_s: float = Field(default=900.0, ge=0)
+    stuck_after_s: float = Field(default=3600.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the service needs, from ``AQUA_PIPELINE_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True, extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    aqua: AquaSettings = AquaSettings()
+    aws: AwsSettings = AwsSettings()
+    s3: S3Settings = S3Settings()
+    queue: QueueSettings = QueueSettings()
+    events: EventsSettings = EventsSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    http: HttpSettings = HttpSettings()
+    security: SecuritySettings = SecuritySettings()
+    reconciler: ReconcilerSettings = ReconcilerSettings()
+
+
+class SettingsError(Exception):
+    """The environment does not describe a valid configuration; the message names the variables."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; raise :class:`SettingsError` naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            var = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{var}: {err['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,41 @@
+"""Settings come from AQUA_PIPELINE_* variables, and a bad one is named in the error."""
+
+import os
+
+import pytest
+
+from pipeline.settings import SettingsError, load_settings
+
+
+def test_defaults_load() -> None:
+    s = load_settings()
+    assert s.s3.part_size >= 5 * 1024 * 1024
+    assert s.aqua.base_url.startswith("http")
+
+
+def test_nested_env_variable_is_read() -> None:
+    os.environ["AQUA_PIPELINE_S3__BUCKET"] = "my-bucket"
+    os.environ["AQUA_PIPELINE_QUEUE__CONCURRENCY"] = "7"
+    s = load_settings()
+    assert s.s3.bucket == "my-bucket"
+    assert s.queue.concurrency == 7
+
+
+def test_bad_variable_is_named() -> None:
+    os.environ["AQUA_PIPELINE_S3__PART_SIZE"] = "1024"
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "AQUA_PIPELINE_S3__PART_SIZE" in str(err.value)
+
+
+def test_bad_url_is_named() -> None:
+    os.environ["AQUA_PIPELINE_AQUA__BASE_URL"] = "ftp://nope"
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "AQUA_PIPELINE_AQUA__BASE_URL" in str(err.value)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(Exception):  # noqa: B017
+        s.s3.bucket = "x"  # type: ignore[misc]
