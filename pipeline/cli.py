@@ -6,11 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
 
 from pipeline.errors import PipelineError
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from pipeline.app import Components
 
 
 def _cmd_simulator(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,6 +38,104 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     serve(settings)
     return 0
+
+
+async def _with_components(settings: Settings, fn: Callable[[Components], Awaitable[int]]) -> int:
+    from contextlib import AsyncExitStack
+
+    from pipeline.app import build_components
+    from pipeline.metrics import Metrics
+
+    async with AsyncExitStack() as stack:
+        c = await build_components(settings, stack, Metrics())
+        return await fn(c)
+
+
+def _print_json(obj: object) -> None:
+    print(orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import ops
+    from pipeline.jobdefs import load_job_definitions
+    from pipeline.progress import watch_job
+
+    definitions = load_job_definitions(Path(args.file))
+
+    async def run(c: Components) -> int:
+        rc = 0
+        for d in definitions:
+            s = await ops.submit(c, d)
+            print(f"submitted {s.job.id} ({d.request.name})", file=sys.stderr)
+            if args.wait:
+                ok = await watch_job(c, s.job.id or "", timeout_s=args.timeout)
+                rc = rc or (0 if ok else 1)
+            else:
+                print(s.job.id)
+        return rc
+
+    return asyncio.run(_with_components(settings, run))
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import ops
+
+    async def run(c: Components) -> int:
+        _print_json((await ops.status(c, _valid_job_id(args.job_id))).as_dict())
+        return 0
+
+    return asyncio.run(_with_components(settings, run))
+
+
+def _cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import ops
+
+    async def run(c: Components) -> int:
+        items = await ops.recent(c, args.limit)
+        print(f"{'JOB ID':<32}  {'STATE':<12} {'BYTES':>14} {'RECORDS':>10} {'DURATION':>9}  ERROR")
+        for i in items:
+            duration = f"{i.updated_at - i.submitted_at:.0f}s" if i.submitted_at and i.updated_at else "-"
+            print(
+                f"{i.job_id:<32}  {i.state!s:<12} {i.total_bytes or 0:>14,} {i.record_count or 0:>10,}"
+                f" {duration:>9}  {i.error_reason or ''}"
+            )
+        return 0
+
+    return asyncio.run(_with_components(settings, run))
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import ops
+
+    async def run(c: Components) -> int:
+        item = await ops.replay(c, _valid_job_id(args.job_id))
+        print(f"replay of {item.job_id} enqueued")
+        return 0
+
+    return asyncio.run(_with_components(settings, run))
+
+
+def _cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline import ops
+
+    async def run(c: Components) -> int:
+        job = await ops.cancel(c, _valid_job_id(args.job_id))
+        print(f"{job.id}: {job.status}")
+        return 0
+
+    return asyncio.run(_with_components(settings, run))
+
+
+def _valid_job_id(value: str) -> str:
+    from pipeline.aqua.models import is_aqua_id
+
+    if not is_aqua_id(value.lower()):
+        raise UsageError(f"{value!r} is not an AQuA job id (32 hex characters)")
+    return value.lower()
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line."""
 
 
 def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -60,6 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulator_arguments(p)
     p.set_defaults(func=_cmd_simulator)
 
+    p = sub.add_parser("submit", help="submit AQuA jobs from a YAML or JSON job definition file")
+    p.add_argument("file", help="job definition file (.yaml, .yml or .json)")
+    p.add_argument("--wait", action="store_true", help="show progress until each job has landed")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --wait")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("status", help="show a job's ledger state and AQuA status")
+    p.add_argument("job_id")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("jobs", help="list recent jobs with state, bytes, duration and error")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_cmd_jobs)
+
+    p = sub.add_parser("replay", help="re-run a job's transfer and event (idempotent)")
+    p.add_argument("job_id")
+    p.set_defaults(func=_cmd_replay)
+
+    p = sub.add_parser("cancel", help="cancel a running job in AQuA")
+    p.add_argument("job_id")
+    p.set_defaults(func=_cmd_cancel)
+
     p = sub.add_parser("check-config", help="validate the environment and print the effective settings")
     p.set_defaults(func=_cmd_check_config)
 
@@ -81,6 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, settings)
     except KeyboardInterrupt:
         return 130
-    except PipelineError as exc:
+    except (PipelineError, UsageError, ValueError, OSError) as exc:
         print(f"aqua-pipeline: {exc}", file=sys.stderr)
         return 1

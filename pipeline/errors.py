@@ -38,12 +38,16 @@ class PipelineError(Exception):
 
 
 class CallbackRejected(PipelineError):
-    """A callback we refuse; ``status`` is the HTTP status to answer with."""
+    """A callback we refuse; ``status`` is the HTTP status to answer with, ``headers`` any to add (e.g. a
+    ``WWW-Authenticate`` challenge on 401)."""
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request") -> None:
+    def __init__(
+        self, message: str, *, status: int = 400, code: str = "bad_request", headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.headers: dict[str, str] = dict(headers) if headers else {}
 
 
 class UpstreamError(PipelineError):

@@ -6,6 +6,8 @@ Outbound models forbid unknown fields and are frozen: their JSON shape is a cont
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -118,3 +120,19 @@ class CloudEvent(_Out):
 
 EVENT_TYPE_COMPLETED = "com.zuora.aqua.export.completed"
 EVENT_TYPE_FAILED = "com.zuora.aqua.export.failed"
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """An open result-file download, handed from the AQuA client to the transfer engine.
+
+    ``chunks`` yields the body exactly as sent on the wire (still gzip-encoded when
+    ``content_encoding == "gzip"``); ``content_length`` is the declared length of those wire bytes,
+    when the server declared one. Whoever opened the download closes it.
+    """
+
+    file_id: str
+    chunks: AsyncIterator[bytes]
+    content_length: int | None
+    content_type: str
+    content_encoding: str | None

@@ -1,0 +1,137 @@
+"""The OAuth client-credentials token for AQuA (REFERENCE.md §2.1): fetched once, shared by every caller,
+refreshed ``token_refresh_margin_s`` before it expires or when AQuA answers 401."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from pipeline.errors import AquaAuthError, AquaRateLimited, AquaUnavailable
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/oauth/token"
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    refresh_at: float
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds only; an HTTP date is ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return max(seconds, 0.0)
+
+
+class TokenCache:
+    """One bearer token shared by all requests of an :class:`~pipeline.aqua.client.AquaClient`.
+
+    Concurrent callers that find the token missing or stale wait on one lock, so only one of them fetches.
+    Errors from the token endpoint are our own types: 429 -> :class:`AquaRateLimited`, 5xx and connection
+    errors -> :class:`AquaUnavailable` (both retryable, the client's retry loop handles them), anything else
+    -> :class:`AquaAuthError`.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        client_id: str,
+        client_secret: str,
+        refresh_margin_s: float,
+        timeout: aiohttp.ClientTimeout,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._url = base_url + TOKEN_PATH
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._margin = refresh_margin_s
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._token: _Token | None = None
+        self.fetches = 0
+        """How many times a token was fetched (for metrics and tests)."""
+
+    def _current(self) -> str | None:
+        tok = self._token
+        if tok is not None and self._clock() < tok.refresh_at:
+            return tok.value
+        return None
+
+    async def get(self, *, track_id: str | None = None) -> str:
+        """A valid token, fetching one if there is none or it is within the refresh margin of expiry."""
+        value = self._current()
+        if value is not None:
+            return value
+        async with self._lock:
+            value = self._current()
+            if value is not None:
+                return value
+            return await self._fetch(track_id)
+
+    def invalidate(self, stale: str) -> None:
+        """Forget ``stale`` after AQuA refused it with 401; the next :meth:`get` fetches a new one.
+
+        A token another caller already refreshed is kept, so racing 401s share one fetch.
+        """
+        if self._token is not None and self._token.value == stale:
+            self._token = None
+
+    async def _fetch(self, track_id: str | None) -> str:
+        form = {
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+            "grant_type": "client_credentials",
+        }
+        headers = {"Zuora-Track-Id": track_id} if track_id else {}
+        started = self._clock()
+        try:
+            async with self._session.post(self._url, data=form, headers=headers, timeout=self._timeout) as resp:
+                request_id = resp.headers.get("Zuora-Request-Id")
+                body = await resp.content.read(64 * 1024)
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AquaUnavailable(f"token request failed: {exc!r}") from exc
+
+        if status == 429:
+            raise AquaRateLimited(
+                "token endpoint rate limited", retry_after=retry_after, status=status, request_id=request_id
+            )
+        if status >= 500:
+            raise AquaUnavailable(f"token endpoint answered {status}", status=status, request_id=request_id)
+        if status != 200:
+            raise AquaAuthError(
+                f"token request refused with HTTP {status}: {body[:200].decode(errors='replace')}",
+                status=status,
+                request_id=request_id,
+            )
+        try:
+            data = orjson.loads(body)
+            value = str(data["access_token"])
+            expires_in = float(data.get("expires_in", 3599))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise AquaAuthError("token response is not a token", status=status, request_id=request_id) from exc
+
+        # A token shorter-lived than twice the margin is refreshed at half its life, not immediately.
+        margin = min(self._margin, expires_in / 2)
+        self._token = _Token(value, started + expires_in - margin)
+        self.fetches += 1
+        log.debug("aqua token fetched (expires_in=%.0fs, request_id=%s)", expires_in, request_id)
+        return value

@@ -1,0 +1,189 @@
+"""The public callback route: authenticate, validate, record in the ledger, enqueue one work message,
+answer fast. It never fetches files and never trusts the status it is told: the worker re-reads the job.
+
+Accepted shapes (REFERENCE.md §7):
+
+* our notifyUrl: ``GET|POST /callbacks/aqua?jobId=<id>&status=<status>&token=<token>``;
+* a callout configured in Zuora's UI: merge fields ``Aqua.JobId``, ``Aqua.JobStatus``, ``Aqua.PartnerName``
+  as query parameters, a form body or a JSON body, with ``Zuora-Notification-Id`` as the de-duplication key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from pipeline.aqua.models import is_aqua_id
+from pipeline.callback_auth import AuthResult, CallbackAuthenticator
+from pipeline.errors import CallbackRejected, PipelineError
+from pipeline.ledger import JobLedger, JobState
+from pipeline.logs import bound
+from pipeline.metrics import Metrics
+from pipeline.models import WorkMessage, dumps
+from pipeline.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+KNOWN_STATUSES = frozenset(
+    {"completed", "error", "aborted", "cancelled", "canceled", "submitted", "pending", "executing", "failed"}
+)
+_JOB_KEYS = ("jobid", "job_id", "aqua.jobid", "aquajobid", "id")
+_STATUS_KEYS = ("status", "jobstatus", "aqua.jobstatus", "aquajobstatus")
+_PARTNER_KEYS = ("aqua.partnername", "partner", "partnername")
+MAX_QUERY_STRING = 8192
+MAX_FIELD = 512
+
+
+@dataclass(frozen=True)
+class CallbackParams:
+    """What a callback told us, whichever shape it came in."""
+
+    job_id: str
+    status: str | None
+    partner: str | None
+    notification_id: str | None
+    track_id: str | None
+
+
+def _pick(fields: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        if key in fields:
+            return fields[key]
+    return None
+
+
+async def read_fields(request: web.Request) -> dict[str, str]:
+    """Query parameters merged with a form or JSON body, keys lower-cased."""
+    if len(request.query_string) > MAX_QUERY_STRING:
+        raise CallbackRejected("query string too long", status=414, code="uri_too_long")
+    fields: dict[str, str] = {}
+    for k, v in request.query.items():
+        fields.setdefault(k.lower(), v)
+    if request.method == "POST" and request.can_read_body:
+        body = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+        ctype = request.content_type
+        if body and ctype == "application/json":
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise CallbackRejected("body is not valid JSON", code="malformed_body") from None
+            if not isinstance(data, dict):
+                raise CallbackRejected("JSON body must be an object", code="malformed_body")
+            for k, v in data.items():
+                if isinstance(v, str | int | float | bool):
+                    fields.setdefault(str(k).lower(), str(v))
+        elif body and ctype == "application/x-www-form-urlencoded":
+            form = await request.post()
+            for fk, fv in form.items():
+                if isinstance(fv, str):
+                    fields.setdefault(fk.lower(), fv)
+    for k, v in fields.items():
+        if len(v) > MAX_FIELD:
+            raise CallbackRejected(f"parameter {k!r} is too long", code="field_too_long")
+    return fields
+
+
+def parse_params(fields: Mapping[str, str], headers: Mapping[str, str]) -> CallbackParams:
+    """Validate the job id shape and the status word; raise :class:`CallbackRejected` (400) otherwise."""
+    job_id = (_pick(fields, _JOB_KEYS) or "").strip()
+    if not job_id:
+        raise CallbackRejected("missing job id (jobId)", code="missing_job_id")
+    if not is_aqua_id(job_id.lower()):
+        raise CallbackRejected("job id is not a 32-character hex AQuA id", code="invalid_job_id")
+    status = _pick(fields, _STATUS_KEYS)
+    if status is not None:
+        status = status.strip().lower()
+        if status not in KNOWN_STATUSES:
+            raise CallbackRejected("unknown job status", code="invalid_status")
+    notification_id = headers.get("Zuora-Notification-Id")
+    if notification_id is not None and (len(notification_id) > 128 or not notification_id.isprintable()):
+        raise CallbackRejected("invalid Zuora-Notification-Id", code="invalid_notification_id")
+    track_id = headers.get("Zuora-Track-Id") or headers.get("Zuora-Request-Id")
+    if track_id is not None and (len(track_id) > 64 or not track_id.isprintable()):
+        track_id = None
+    partner = _pick(fields, _PARTNER_KEYS)
+    return CallbackParams(job_id.lower(), status, partner, notification_id, track_id)
+
+
+class CallbackHandler:
+    """The callback route's handler; owns no resources, only uses injected ones."""
+
+    def __init__(
+        self, *, authenticator: CallbackAuthenticator, ledger: JobLedger, queue: WorkQueue, metrics: Metrics
+    ) -> None:
+        self.authenticator = authenticator
+        self.ledger = ledger
+        self.queue = queue
+        self.metrics = metrics
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            return await self._handle(request)
+        except CallbackRejected as exc:
+            self.metrics.callbacks.labels(exc.code).inc()
+            log.debug("callback rejected: %s (%s)", exc.code, exc)
+            return error_response(exc.status, exc.code, str(exc), headers=getattr(exc, "headers", None))
+        except PipelineError as exc:
+            self.metrics.callbacks.labels("unavailable").inc()
+            log.error("callback could not be recorded: %s", exc)
+            return error_response(503, "unavailable", "could not record the callback; retry later", retry_after=5)
+        finally:
+            self.metrics.callback_latency.observe(time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        fields = await read_fields(request)
+        auth: AuthResult = self.authenticator.authenticate(query=fields, headers=request.headers, remote=request.remote)
+        params = parse_params(fields, request.headers)
+        with bound(job_id=params.job_id, track_id=params.track_id):
+            if auth.claim is not None:
+                await self.ledger.bind_submission(auth.claim.submission_id, params.job_id)
+            elif await self.ledger.get(params.job_id) is None:
+                raise CallbackRejected(
+                    "no job with this id was submitted by this service", status=404, code="unknown_job"
+                )
+            record = await self.ledger.record_callback(
+                params.job_id, status=params.status, notification_id=params.notification_id
+            )
+            if record.duplicate:
+                self.metrics.callbacks.labels("duplicate").inc()
+                return json_response(200, {"accepted": True, "duplicate": True, "job_id": params.job_id})
+            if record.state in (JobState.published, JobState.failed):
+                self.metrics.callbacks.labels("already_done").inc()
+                return json_response(200, {"accepted": True, "already": str(record.state), "job_id": params.job_id})
+            await self.queue.send(
+                WorkMessage(
+                    job_id=params.job_id,
+                    callback_status=params.status,
+                    notification_id=params.notification_id,
+                    track_id=params.track_id,
+                )
+            )
+            self.metrics.callbacks.labels("accepted").inc()
+            log.info("callback accepted (status %s, via %s)", params.status, auth.method)
+            return json_response(202, {"accepted": True, "job_id": params.job_id})
+
+
+def json_response(status: int, body: object, *, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(status=status, text=dumps(body), content_type="application/json", headers=headers)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    retry_after: int | None = None,
+) -> web.Response:
+    """The JSON error shape every route uses: ``{"error": code, "message": ...}``."""
+    hdrs = dict(headers or {})
+    if retry_after is not None:
+        hdrs["Retry-After"] = str(retry_after)
+    return json_response(status, {"error": code, "message": message}, headers=hdrs)

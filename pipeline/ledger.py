@@ -1,0 +1,705 @@
+"""The DynamoDB job ledger: one item per AQuA job, moved through its states by conditional writes.
+
+::
+
+    submitted ──► notified ──► transferring ──► stored ──► published
+        └────────────┴──────────────┴──────────────┴─────► failed
+
+A worker ``claim``s a job (an atomic lease) before touching it; every ``mark_*`` is conditional on the
+caller still owning the lease (``lease_owner`` matches — an expired lease that nobody re-claimed still
+counts) and on the transition being legal, and raises :class:`LeaseLost` otherwise. ``published`` is
+final; ``failed`` is final once its failure event id is recorded. Items expire (DynamoDB TTL on
+``expires_at``) ``retention_days`` after their last write. Session items (``session#{partner}#{project}``)
+serialise stateful AQuA sessions in the same table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.errors import LedgerError
+from pipeline.settings import LedgerSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CallbackRecord", "JobLedger", "JobState", "LeaseLost", "LedgerItem", "SessionRecord"]
+
+
+class JobState(StrEnum):
+    """Where a job is in the pipeline."""
+
+    submitted = "submitted"
+    notified = "notified"
+    transferring = "transferring"
+    stored = "stored"
+    published = "published"
+    failed = "failed"
+
+
+UNFINISHED = (JobState.submitted, JobState.notified, JobState.transferring, JobState.stored)
+_DAY = 86400
+
+
+class LeaseLost(LedgerError):
+    """A conditional write lost: someone else holds the lease, or the transition is not legal (any more)."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, current: LedgerItem | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+_KNOWN = {
+    "job_id", "state", "submission_id", "job_name", "partner", "project", "submitted_at", "updated_at",
+    "notified_at", "callback_count", "lease_owner", "lease_until", "attempts", "manifest_key", "record_count",
+    "total_bytes", "event_id", "error_reason", "error_message", "expires_at", "notification_ids",
+    "last_callback_status", "request",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LedgerItem:
+    """One job as the ledger knows it (times are epoch seconds)."""
+
+    job_id: str
+    state: JobState
+    submission_id: str | None = None
+    job_name: str | None = None
+    partner: str | None = None
+    project: str | None = None
+    submitted_at: float | None = None
+    updated_at: float | None = None
+    notified_at: float | None = None
+    callback_count: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    manifest_key: str | None = None
+    record_count: int | None = None
+    total_bytes: int | None = None
+    event_id: str | None = None
+    error_reason: str | None = None
+    error_message: str | None = None
+    last_callback_status: str | None = None
+    notification_ids: frozenset[str] = frozenset()
+    request: dict[str, Any] | None = None
+    expires_at: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        """True when nothing is left to do: published, or failed with its failure event published."""
+        return self.state is JobState.published or (self.state is JobState.failed and self.event_id is not None)
+
+    def lease_live(self, now: float) -> bool:
+        """True when somebody holds an unexpired lease."""
+        return self.lease_owner is not None and self.lease_until is not None and self.lease_until >= now
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> LedgerItem:
+        """Build from a raw DynamoDB item (attribute-value map)."""
+        raw = {k: _decode(v) for k, v in item.items()}
+        request = raw.get("request")
+        return cls(
+            job_id=raw["job_id"],
+            state=JobState(raw["state"]),
+            submission_id=raw.get("submission_id"),
+            job_name=raw.get("job_name"),
+            partner=raw.get("partner"),
+            project=raw.get("project"),
+            submitted_at=raw.get("submitted_at"),
+            updated_at=raw.get("updated_at"),
+            notified_at=raw.get("notified_at"),
+            callback_count=int(raw.get("callback_count", 0)),
+            lease_owner=raw.get("lease_owner"),
+            lease_until=raw.get("lease_until"),
+            attempts=int(raw.get("attempts", 0)),
+            manifest_key=raw.get("manifest_key"),
+            record_count=raw.get("record_count"),
+            total_bytes=raw.get("total_bytes"),
+            event_id=raw.get("event_id"),
+            error_reason=raw.get("error_reason"),
+            error_message=raw.get("error_message"),
+            last_callback_status=raw.get("last_callback_status"),
+            notification_ids=frozenset(raw.get("notification_ids", ())),
+            request=orjson.loads(request) if isinstance(request, str) else None,
+            expires_at=raw.get("expires_at"),
+            extra={k: v for k, v in raw.items() if k not in _KNOWN},
+        )
+
+
+@dataclass(frozen=True)
+class CallbackRecord:
+    """What :meth:`JobLedger.record_callback` found: whether the notification id was already seen."""
+
+    duplicate: bool
+    state: JobState
+    created: bool
+    callback_count: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A stateful (partner, project) session: who holds it, and the last completed job."""
+
+    partner: str
+    project: str
+    holder_job_id: str | None
+    acquired_at: float | None
+    last_job_id: str | None
+    last_transaction_start: str | None
+    last_completed_at: float | None
+
+
+def _encode(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, int):
+        return {"N": str(value)}
+    if isinstance(value, float):
+        return {"N": f"{value:.6f}"}
+    if isinstance(value, str):
+        return {"S": value}
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, set | frozenset):
+        return {"SS": sorted(value)}
+    if isinstance(value, Mapping):
+        return {"M": {str(k): _encode(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"L": [_encode(v) for v in value]}
+    raise TypeError(f"cannot store {type(value).__name__} in the ledger")
+
+
+def _decode(attr: Mapping[str, Any]) -> Any:
+    (kind, value), *_ = attr.items()
+    if kind == "N":
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    if kind in ("SS", "NS"):
+        return frozenset(value) if kind == "SS" else frozenset(_decode({"N": v}) for v in value)
+    if kind == "M":
+        return {k: _decode(v) for k, v in value.items()}
+    if kind == "L":
+        return [_decode(v) for v in value]
+    if kind == "NULL":
+        return None
+    return value  # S, BOOL, B
+
+
+class _Expr:
+    """Collects ``#name`` / ``:value`` placeholders for one DynamoDB expression set."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+
+    def n(self, name: str) -> str:
+        self.names[f"#{name}"] = name
+        return f"#{name}"
+
+    def v(self, value: Any) -> str:
+        ph = f":v{len(self.values)}"
+        self.values[ph] = _encode(value)
+        return ph
+
+    def sets(self, fields: Mapping[str, Any]) -> str:
+        return ", ".join(f"{self.n(k)} = {self.v(v)}" for k, v in fields.items())
+
+    def kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"ExpressionAttributeNames": self.names}
+        if self.values:
+            kw["ExpressionAttributeValues"] = self.values
+        return kw
+
+
+class _ConditionFailed(Exception):
+    def __init__(self, item: Mapping[str, Any] | None) -> None:
+        super().__init__("condition failed")
+        self.item = item
+
+
+class JobLedger:
+    """The job ledger over an injected aiobotocore DynamoDB client."""
+
+    def __init__(
+        self, dynamodb_client: Any, settings: LedgerSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._ddb = dynamodb_client
+        self._table = settings.table_name
+        self._retention_s = settings.retention_days * _DAY
+        self._clock = clock
+
+    @property
+    def table_name(self) -> str:
+        return self._table
+
+    async def _call(self, op: str, **kw: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await getattr(self._ddb, op)(TableName=self._table, **kw)
+            return result
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise _ConditionFailed(exc.response.get("Item")) from exc
+            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+
+    def _expires(self, now: float) -> int:
+        return int(now + self._retention_s)
+
+    async def ensure_table(self) -> None:
+        """Create the table (on-demand, pk ``job_id``) with TTL on ``expires_at``; idempotent; waits until active."""
+        try:
+            await self._ddb.create_table(
+                TableName=self._table,
+                AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
+                KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+            log.info("created ledger table %s", self._table)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
+                raise LedgerError(f"cannot create table {self._table}: {exc}") from exc
+        try:
+            waiter = self._ddb.get_waiter("table_exists")
+            await waiter.wait(TableName=self._table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+            ttl = await self._ddb.describe_time_to_live(TableName=self._table)
+            if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+                await self._ddb.update_time_to_live(
+                    TableName=self._table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise LedgerError(f"cannot prepare table {self._table}: {exc}") from exc
+
+    # -- writes from the callback / submit side -------------------------------------------------------
+
+    async def record_submission(
+        self,
+        job_id: str,
+        *,
+        submission_id: str | None,
+        job_name: str | None,
+        partner: str | None,
+        project: str | None,
+        request: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Record a job we submitted; True if the item is new. Never overwrites a field or moves the state."""
+        now = self._clock()
+        e = _Expr()
+        fields: dict[str, Any] = {
+            "state": JobState.submitted.value,
+            "submitted_at": now,
+            "submission_id": submission_id,
+            "job_name": job_name,
+            "partner": partner,
+            "project": project,
+            "callback_count": 0,
+            "attempts": 0,
+        }
+        if request is not None:
+            fields["request"] = orjson.dumps(request).decode()
+        keep = ", ".join(f"{e.n(k)} = if_not_exists({e.n(k)}, {e.v(v)})" for k, v in fields.items() if v is not None)
+        update = f"SET {keep}, {e.sets({'updated_at': now, 'expires_at': self._expires(now)})}"
+        resp = await self._call(
+            "update_item", Key={"job_id": {"S": job_id}}, UpdateExpression=update, ReturnValues="ALL_OLD", **e.kwargs()
+        )
+        return not resp.get("Attributes")
+
+    async def record_callback(self, job_id: str, *, status: str | None, notification_id: str | None) -> CallbackRecord:
+        """Count a callback: creates the item (``notified``) if unknown and moves ``submitted`` → ``notified``.
+
+        One conditional UpdateItem while the job is submitted/notified/unknown; for a job already further
+        along, a second UpdateItem that only counts the callback (the state is left alone).
+        """
+        now = self._clock()
+        try:
+            old = await self._count_callback(job_id, now, status, notification_id, set_notified=True)
+            state, created = JobState.notified, old is None
+        except _ConditionFailed:
+            old = await self._count_callback(job_id, now, status, notification_id, set_notified=False)
+            if old is None:  # vanished between the two calls (TTL); the first branch will create it next time
+                raise LedgerError(f"job {job_id} disappeared while recording a callback") from None
+            state, created = old.state, False
+        seen = old.notification_ids if old else frozenset()
+        return CallbackRecord(
+            duplicate=notification_id is not None and notification_id in seen,
+            state=state,
+            created=created,
+            callback_count=(old.callback_count if old else 0) + 1,
+        )
+
+    async def _count_callback(
+        self, job_id: str, now: float, status: str | None, notification_id: str | None, *, set_notified: bool
+    ) -> LedgerItem | None:
+        e = _Expr()
+        sets = [e.sets({"updated_at": now, "expires_at": self._expires(now)})]
+        if status is not None:
+            sets.append(e.sets({"last_callback_status": status}))
+        adds = [f"{e.n('callback_count')} {e.v(1)}"]
+        if notification_id is not None:
+            adds.append(f"{e.n('notification_ids')} {e.v({notification_id})}")
+        if set_notified:
+            sets.append(e.sets({"state": JobState.notified.value}))
+            sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
+            sets.append(f"{e.n('attempts')} = if_not_exists({e.n('attempts')}, {e.v(0)})")
+            cond = (
+                f"attribute_not_exists({e.n('job_id')}) OR "
+                f"{e.n('state')} IN ({e.v(JobState.submitted.value)}, {e.v(JobState.notified.value)})"
+            )
+        else:
+            sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
+            cond = f"attribute_exists({e.n('job_id')})"
+        try:
+            resp = await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=f"SET {', '.join(sets)} ADD {', '.join(adds)}",
+                ConditionExpression=cond,
+                ReturnValues="ALL_OLD",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            if set_notified:
+                raise
+            log.warning("callback for job %s: item vanished", job_id)
+            return None
+        attrs = resp.get("Attributes")
+        return LedgerItem.from_item(attrs) if attrs else None
+
+    # -- leases and transitions, used by the worker ----------------------------------------------------
+
+    def _claimable(self, e: _Expr) -> str:
+        states = ", ".join(e.v(s.value) for s in UNFINISHED)
+        return (
+            f"({e.n('state')} IN ({states}) OR "
+            f"({e.n('state')} = {e.v(JobState.failed.value)} AND attribute_not_exists({e.n('event_id')})))"
+        )
+
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> LedgerItem | None:
+        """Take the lease on an unfinished job; None if it is unknown, done, or leased to someone else."""
+        now = self._clock()
+        e = _Expr()
+        free = (
+            f"(attribute_not_exists({e.n('lease_owner')}) OR {e.n('lease_until')} < {e.v(now)} "
+            f"OR {e.n('lease_owner')} = {e.v(owner)})"
+        )
+        cond = f"attribute_exists({e.n('job_id')}) AND {self._claimable(e)} AND {free}"
+        update = (
+            f"SET {e.sets({'lease_owner': owner, 'lease_until': now + lease_s, 'expires_at': self._expires(now)})} "
+            f"ADD {e.n('attempts')} {e.v(1)}"
+        )
+        try:
+            resp = await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                ReturnValues="ALL_NEW",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            log.info("job %s not claimed by %s: unknown, done or leased", job_id, owner)
+            return None
+        item = LedgerItem.from_item(resp["Attributes"])
+        log.info("job %s claimed by %s (attempt %d, state %s)", job_id, owner, item.attempts, item.state)
+        return item
+
+    async def extend_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Heartbeat: push ``lease_until`` to now + ``lease_s``; False if the lease is no longer ours."""
+        now = self._clock()
+        e = _Expr()
+        cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {self._claimable(e)}"
+        try:
+            await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=f"SET {e.sets({'lease_until': now + lease_s})}",
+                ConditionExpression=cond,
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            log.warning("job %s: lease of %s could not be extended", job_id, owner)
+            return False
+        return True
+
+    async def release(self, job_id: str, owner: str) -> None:
+        """Hand the lease back (graceful shutdown); a no-op if it is not ours any more."""
+        e = _Expr()
+        try:
+            await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=f"REMOVE {e.n('lease_owner')}, {e.n('lease_until')}",
+                ConditionExpression=f"{e.n('lease_owner')} = {e.v(owner)}",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            log.info("job %s: release by %s ignored, lease not held", job_id, owner)
+
+    async def _transition(
+        self, job_id: str, owner: str, to: JobState, sources: tuple[JobState, ...], fields: Mapping[str, Any]
+    ) -> LedgerItem:
+        now = self._clock()
+        e = _Expr()
+        values = {"state": to.value, "updated_at": now, "expires_at": self._expires(now), **fields}
+        update = f"SET {e.sets({k: v for k, v in values.items() if v is not None})}"
+        if to in (JobState.published, JobState.failed):
+            update += f" REMOVE {e.n('lease_owner')}, {e.n('lease_until')}"
+        cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {e.n('state')} IN ({', '.join(e.v(s.value) for s in sources)})"
+        if to is JobState.failed:
+            cond += f" AND attribute_not_exists({e.n('event_id')})"
+        try:
+            resp = await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                **e.kwargs(),
+            )
+        except _ConditionFailed as exc:
+            current = LedgerItem.from_item(exc.item) if exc.item else None
+            if current is None:
+                why = "unknown job"
+            elif current.lease_owner != owner:
+                why = f"lease held by {current.lease_owner!r}"
+            else:
+                why = f"illegal transition {current.state} -> {to}"
+            raise LeaseLost(f"job {job_id}: {owner} cannot mark {to}: {why}", current=current) from None
+        log.info("job %s -> %s", job_id, to)
+        return LedgerItem.from_item(resp["Attributes"])
+
+    async def mark_transferring(self, job_id: str, owner: str) -> LedgerItem:
+        """submitted/notified/transferring → transferring."""
+        sources = (JobState.submitted, JobState.notified, JobState.transferring)
+        return await self._transition(job_id, owner, JobState.transferring, sources, {})
+
+    async def mark_stored(
+        self, job_id: str, owner: str, *, manifest_key: str, record_count: int, total_bytes: int
+    ) -> LedgerItem:
+        """The manifest is committed: → stored (from submitted/notified/transferring/stored)."""
+        fields = {"manifest_key": manifest_key, "record_count": record_count, "total_bytes": total_bytes}
+        return await self._transition(job_id, owner, JobState.stored, UNFINISHED, fields)
+
+    async def mark_published(self, job_id: str, owner: str, *, event_id: str) -> LedgerItem:
+        """The completion event is out: stored → published (final); the lease is dropped."""
+        return await self._transition(job_id, owner, JobState.published, (JobState.stored,), {"event_id": event_id})
+
+    async def mark_failed(
+        self, job_id: str, owner: str, *, reason: str, message: str, event_id: str | None = None
+    ) -> LedgerItem:
+        """→ failed (from any unfinished state, or failed without an event). Final once ``event_id`` is set."""
+        fields = {"error_reason": reason, "error_message": message[:2000], "event_id": event_id}
+        return await self._transition(job_id, owner, JobState.failed, (*UNFINISHED, JobState.failed), fields)
+
+    async def annotate(self, job_id: str, fields: Mapping[str, Any]) -> None:
+        """Set extra attributes (e.g. stateful session details) on an existing job; they land in ``extra``."""
+        clash = set(fields) & (_KNOWN | {"kind"})
+        if clash:
+            raise ValueError(f"reserved ledger attributes: {sorted(clash)}")
+        e = _Expr()
+        try:
+            await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=f"SET {e.sets(fields)}",
+                ConditionExpression=f"attribute_exists({e.n('state')})",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            raise LedgerError(f"job {job_id} is not in the ledger", retryable=False) from None
+
+    async def bind_submission(self, submission_id: str, job_id: str) -> bool:
+        """Bind a notifyUrl token's submission to one job id, first come first served; True when the
+        submission is (now or already) bound to ``job_id``, False when it names another job."""
+        e = _Expr()
+        now = self._clock()
+        try:
+            await self._call(
+                "update_item",
+                Key={"job_id": {"S": f"sub#{submission_id}"}},
+                UpdateExpression="SET "
+                + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
+                ConditionExpression=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            log.warning("submission %s is bound to another job; refusing %s", submission_id[:8], job_id)
+            return False
+        return True
+
+    async def try_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> bool:
+        """Elect one reconciler per job per round: True for the replica that may act on it now."""
+        now = self._clock()
+        e = _Expr()
+        cond = (
+            f"attribute_exists({e.n('state')}) AND "
+            f"(attribute_not_exists({e.n('reconcile_until')}) OR {e.n('reconcile_until')} < {e.v(now)})"
+        )
+        try:
+            await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}",
+                ConditionExpression=cond,
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    async def reset_for_replay(self, job_id: str) -> LedgerItem:
+        """Make a finished job workable again (state ``notified``, outcome cleared); refused while leased."""
+        now = self._clock()
+        e = _Expr()
+        cond = (
+            f"attribute_exists({e.n('state')}) AND "
+            f"(attribute_not_exists({e.n('lease_until')}) OR {e.n('lease_until')} < {e.v(now)})"
+        )
+        update = (
+            f"SET {e.sets({'state': JobState.notified.value, 'updated_at': now})} "
+            f"REMOVE {e.n('event_id')}, {e.n('error_reason')}, {e.n('error_message')}, {e.n('manifest_key')}, "
+            f"{e.n('reconcile_until')}"
+        )
+        try:
+            resp = await self._call(
+                "update_item",
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                ReturnValues="ALL_NEW",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            raise LedgerError(f"job {job_id} is unknown or being worked on right now", retryable=False) from None
+        return LedgerItem.from_item(resp["Attributes"])
+
+    async def ping(self) -> None:
+        """A cheap read that proves the table answers (readiness)."""
+        await self._call("get_item", Key={"job_id": {"S": "__ping__"}})
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> LedgerItem | None:
+        """The job's item (strongly consistent read), or None."""
+        resp = await self._call("get_item", Key={"job_id": {"S": job_id}}, ConsistentRead=True)
+        item = resp.get("Item")
+        return LedgerItem.from_item(item) if item and "state" in item else None
+
+    async def _scan(self, filter_expr: str, e: _Expr) -> list[LedgerItem]:
+        items: list[LedgerItem] = []
+        kw: dict[str, Any] = {"FilterExpression": filter_expr, **e.kwargs()}
+        while True:
+            resp = await self._call("scan", **kw)
+            items.extend(LedgerItem.from_item(i) for i in resp.get("Items", []))
+            if not resp.get("LastEvaluatedKey"):
+                return items
+            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    async def list_recent(self, limit: int = 50) -> list[LedgerItem]:
+        """The ``limit`` most recently updated jobs (a full scan: fine for an operator view)."""
+        e = _Expr()
+        items = await self._scan(f"attribute_exists({e.n('state')})", e)
+        items.sort(key=lambda i: i.updated_at or 0.0, reverse=True)
+        return items[:limit]
+
+    async def find_unfinished(self, older_than_s: float) -> list[LedgerItem]:
+        """Jobs not done, untouched for ``older_than_s`` and with no live lease (for the reconciler).
+
+        Includes ``failed`` jobs whose failure event was never published.
+        """
+        now = self._clock()
+        e = _Expr()
+        expr = (
+            f"{self._claimable(e)} AND {e.n('updated_at')} < {e.v(now - older_than_s)} AND "
+            f"(attribute_not_exists({e.n('lease_until')}) OR {e.n('lease_until')} < {e.v(now)})"
+        )
+        items = await self._scan(expr, e)
+        items.sort(key=lambda i: i.updated_at or 0.0)
+        return items
+
+    # -- stateful sessions -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _session_key(partner: str, project: str) -> dict[str, Any]:
+        return {"job_id": {"S": f"session#{quote(partner, safe='')}#{quote(project, safe='')}"}}
+
+    async def acquire_session(self, partner: str, project: str, job_id: str) -> bool:
+        """Hold the (partner, project) session for ``job_id``; False if another job holds it."""
+        e = _Expr()
+        values = {"kind": "session", "partner": partner, "project": project, "holder_job_id": job_id}
+        update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
+        cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
+        try:
+            await self._call(
+                "update_item",
+                Key=self._session_key(partner, project),
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    async def release_session(self, partner: str, project: str, job_id: str) -> bool:
+        """Let go of the session; False if ``job_id`` did not hold it."""
+        e = _Expr()
+        try:
+            await self._call(
+                "update_item",
+                Key=self._session_key(partner, project),
+                UpdateExpression=f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
+                ConditionExpression=f"{e.n('holder_job_id')} = {e.v(job_id)}",
+                **e.kwargs(),
+            )
+        except _ConditionFailed:
+            return False
+        return True
+
+    async def record_session_completion(
+        self, partner: str, project: str, job_id: str, transaction_start: str | None
+    ) -> None:
+        """Remember the session's last completed job and its transaction start (does not release it)."""
+        e = _Expr()
+        values = {
+            "kind": "session",
+            "partner": partner,
+            "project": project,
+            "last_job_id": job_id,
+            "last_transaction_start": transaction_start,
+            "last_completed_at": self._clock(),
+        }
+        await self._call(
+            "update_item",
+            Key=self._session_key(partner, project),
+            UpdateExpression=f"SET {e.sets(values)}",
+            **e.kwargs(),
+        )
+
+    async def get_session(self, partner: str, project: str) -> SessionRecord | None:
+        """The session record, or None if never used."""
+        resp = await self._call("get_item", Key=self._session_key(partner, project), ConsistentRead=True)
+        if not resp.get("Item"):
+            return None
+        raw = {k: _decode(v) for k, v in resp["Item"].items()}
+        return SessionRecord(
+            partner=partner,
+            project=project,
+            holder_job_id=raw.get("holder_job_id"),
+            acquired_at=raw.get("acquired_at"),
+            last_job_id=raw.get("last_job_id"),
+            last_transaction_start=raw.get("last_transaction_start"),
+            last_completed_at=raw.get("last_completed_at"),
+        )

@@ -1,0 +1,90 @@
+"""Operator actions shared by the CLI and the admin API: submit, status, list, replay, cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.aqua.models import Job
+from pipeline.jobdefs import JobDefinition
+from pipeline.ledger import JobState, LedgerItem
+from pipeline.models import WorkMessage
+from pipeline.submission import Submitted, Submitter
+
+if TYPE_CHECKING:
+    from pipeline.app import Components
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What an operator sees of one job: our ledger and AQuA's view."""
+
+    ledger: LedgerItem | None
+    aqua: Job | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        out: dict[str, Any] = {"ledger": None, "aqua": None}
+        if self.ledger is not None:
+            out["ledger"] = ledger_dict(self.ledger)
+        if self.aqua is not None:
+            out["aqua"] = self.aqua.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return out
+
+
+def ledger_dict(item: LedgerItem) -> dict[str, Any]:
+    """A ledger item as plain JSON values."""
+    return {
+        "job_id": item.job_id,
+        "state": str(item.state),
+        "job_name": item.job_name,
+        "partner": item.partner,
+        "project": item.project,
+        "submitted_at": item.submitted_at,
+        "updated_at": item.updated_at,
+        "attempts": item.attempts,
+        "manifest_key": item.manifest_key,
+        "record_count": item.record_count,
+        "total_bytes": item.total_bytes,
+        "error_reason": item.error_reason,
+        "error_message": item.error_message,
+    }
+
+
+def submitter(c: Components) -> Submitter:
+    """A Submitter wired from the components."""
+    return Submitter(aqua=c.aqua, ledger=c.ledger, signer=c.signer, http=c.settings.http)
+
+
+async def submit(c: Components, definition: JobDefinition) -> Submitted:
+    """Submit one job definition."""
+    return await submitter(c).submit(
+        definition.request, idempotency_key=definition.idempotency_key, entity_ids=definition.entity_ids
+    )
+
+
+async def status(c: Components, job_id: str) -> JobView:
+    """The ledger's and AQuA's view of one job."""
+    item = await c.ledger.get(job_id)
+    job = await c.aqua.get_job(job_id)
+    return JobView(item, job)
+
+
+async def recent(c: Components, limit: int = 50) -> list[LedgerItem]:
+    """Recent jobs, newest first."""
+    return await c.ledger.list_recent(limit)
+
+
+async def replay(c: Components, job_id: str) -> LedgerItem:
+    """Re-run a job's transfer and event: same keys, same manifest, same event id (idempotent downstream)."""
+    item = await c.ledger.reset_for_replay(job_id)
+    await c.queue.send(WorkMessage(job_id=job_id, reason="replay"))
+    return item
+
+
+async def cancel(c: Components, job_id: str) -> Job:
+    """Cancel a job in AQuA (only while it has not finished)."""
+    return await c.aqua.cancel_job(job_id)
+
+
+FINAL_STATES = (JobState.published, JobState.failed)

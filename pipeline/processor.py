@@ -1,0 +1,262 @@
+"""Lands one job: re-read it from AQuA, stream every result file into S3, commit the manifest, publish
+the event, and move the ledger along. Safe to run again at any point: each step is idempotent and the
+ledger's conditional transitions make sure only one replica works on a job at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pipeline.aqua.client import AquaClient
+from pipeline.aqua.models import Batch, Job, JobStatus
+from pipeline.errors import AquaNotFound, IntegrityError, PipelineError
+from pipeline.events import EventPublisher, completed_event, failed_event
+from pipeline.ledger import JobLedger, JobState, LedgerItem
+from pipeline.logs import bound
+from pipeline.manifest import ManifestStore, object_key
+from pipeline.metrics import Metrics
+from pipeline.models import CloudEvent, Manifest, ManifestObject
+from pipeline.settings import EventsSettings, S3Settings
+from pipeline.transfer import S3Transfer, TransferSpec
+
+log = logging.getLogger(__name__)
+
+_KINDS = {"CSV": "csv", "TSV": "tsv", "GZIP": "gzip", "ZIP": "zip"}
+
+
+class Outcome(StrEnum):
+    """What happened to one work message."""
+
+    PUBLISHED = "published"  # completed event published (now or earlier)
+    FAILED = "failed"  # failure event published; the job will not be retried
+    FAILED_FINAL = "failed_final"  # retryable error on the last allowed attempt: failure event, message to DLQ
+    DUPLICATE = "duplicate"  # nothing to do: already finished
+    BUSY = "busy"  # another replica holds the job's lease
+    NOT_READY = "not_ready"  # AQuA says the job is still running
+    RETRY = "retry"  # retryable error; try again later
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    outcome: Outcome
+    reason: str | None = None
+    retry_after_s: float | None = None
+
+
+def file_extension(kind: str, store_gzip: bool) -> str:
+    """Object key extension for a delivered file kind."""
+    if kind in ("csv", "tsv"):
+        return f"{kind}.gz" if store_gzip else kind
+    return {"gzip": "csv.gz", "zip": "zip"}[kind]
+
+
+def job_date(job: Job) -> str:
+    """A date for object keys that is the same on every retry: the job's start date, as AQuA reports it."""
+    if job.start_time and len(job.start_time) >= 10:
+        return job.start_time[:10]
+    return "undated"
+
+
+class JobProcessor:
+    """Runs aqua -> transfer -> manifest -> events -> ledger for one job."""
+
+    def __init__(
+        self,
+        *,
+        aqua: AquaClient,
+        transfer: S3Transfer,
+        manifests: ManifestStore,
+        publisher: EventPublisher,
+        ledger: JobLedger,
+        s3_settings: S3Settings,
+        events_settings: EventsSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.aqua = aqua
+        self.transfer = transfer
+        self.manifests = manifests
+        self.publisher = publisher
+        self.ledger = ledger
+        self.s3 = s3_settings
+        self.events = events_settings
+        self.metrics = metrics
+
+    async def process(self, job_id: str, *, owner: str, lease_s: float, final_attempt: bool) -> ProcessResult:
+        """Take the job as far as it can go; never raises for a job-level problem."""
+        with bound(job_id=job_id):
+            item = await self.ledger.get(job_id)
+            if item is not None and self._finished(item):
+                log.info("job already %s; nothing to do", item.state)
+                return ProcessResult(Outcome.DUPLICATE)
+            claimed = await self.ledger.claim(job_id, owner, lease_s)
+            if claimed is None:
+                log.info("job is leased by another worker")
+                return ProcessResult(Outcome.BUSY, retry_after_s=lease_s)
+            try:
+                return await self._run(claimed, owner)
+            except PipelineError as exc:
+                if exc.retryable and not final_attempt:
+                    log.warning("retryable failure: %s", exc)
+                    await self.ledger.release(job_id, owner)
+                    return ProcessResult(Outcome.RETRY, reason=exc.reason)
+                log.error("job failed: %s", exc)
+                await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None)
+                return ProcessResult(Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED, reason=exc.reason)
+
+    @staticmethod
+    def _finished(item: LedgerItem) -> bool:
+        return item.state == JobState.published or (item.state == JobState.failed and bool(item.event_id))
+
+    async def _run(self, item: LedgerItem, owner: str) -> ProcessResult:
+        job_id = item.job_id
+        if item.state == JobState.stored and item.manifest_key:
+            log.info("resuming after a crash: manifest already stored, publishing")
+            manifest = await self.manifests.load(item.manifest_key)
+            return await self._publish(manifest, item.manifest_key, owner)
+        try:
+            job = await self.aqua.get_job(job_id, track_id=f"aqp-{job_id[:12]}-get")
+        except AquaNotFound as exc:
+            await self._fail(job_id, owner, reason="unknown_job", message=str(exc), job=None)
+            return ProcessResult(Outcome.FAILED, reason="unknown_job")
+        status = job.job_status
+        if not job.finished:
+            log.info("AQuA reports job still %s; will look again", job.status)
+            await self.ledger.release(job_id, owner)
+            return ProcessResult(Outcome.NOT_READY, retry_after_s=30)
+        if status != JobStatus.COMPLETED:
+            message = "; ".join(f"{b.name}: {b.message}" for b in job.batches if b.message) or (job.message or "")
+            await self._fail(job_id, owner, reason=f"job_{job.status}", message=message, job=job)
+            return ProcessResult(Outcome.FAILED, reason=f"job_{job.status}")
+        await self.ledger.mark_transferring(job_id, owner)
+        objects: list[ManifestObject] = []
+        for batch in job.batches:
+            objects.extend(await self._store_batch(job, batch, owner))
+        manifest = Manifest(
+            job_id=job_id,
+            job_name=job.name,
+            status="completed",
+            partner=job.partner,
+            project=job.project,
+            format=job.format,
+            stateful=bool(job.partner and job.project and job.version in ("1.1", "1.2")),
+            start_time=job.start_time,
+            record_count=sum(o.record_count or 0 for o in objects),
+            total_bytes=sum(o.size for o in objects),
+            objects=objects,
+        )
+        key, created = await self.manifests.commit(manifest)
+        if not created:
+            log.info("manifest %s already committed by an earlier attempt; using it", key)
+            manifest = await self.manifests.load(key)
+        await self.ledger.mark_stored(
+            job_id, owner, manifest_key=key, record_count=manifest.record_count, total_bytes=manifest.total_bytes
+        )
+        return await self._publish(manifest, key, owner)
+
+    async def _store_batch(self, job: Job, batch: Batch, owner: str) -> list[ManifestObject]:
+        kind = _KINDS.get((job.format or "CSV").upper(), "csv")
+        file_ids = batch.file_ids
+        if batch.status != "completed":
+            return []
+        if not file_ids:
+            if batch.record_count:
+                raise PipelineError(f"batch {batch.name} completed with {batch.record_count} records but no file id")
+            return []
+        store_gzip = self.s3.store_csv_gzip and kind in ("csv", "tsv")
+        segmented = bool(batch.segments)
+        out = []
+        deleted_column = None
+        if batch.deleted is not None and not isinstance(batch.deleted, list):
+            deleted_column = batch.deleted.column
+        for index, file_id in enumerate(file_ids, start=1):
+            with bound(batch_id=batch.batch_id):
+                key = object_key(
+                    self.s3.key_template,
+                    prefix=self.s3.prefix,
+                    partner=job.partner,
+                    project=job.project,
+                    job_name=job.name or "job",
+                    date=job_date(job),
+                    job_id=job.id or "",
+                    batch_name=batch.name or batch.batch_id or "batch",
+                    segment=f"-{index:05d}" if segmented else "",
+                    ext=file_extension(kind, store_gzip),
+                )
+                expected = None if segmented else batch.record_count
+                spec = TransferSpec(
+                    bucket=self.s3.bucket,
+                    key=key,
+                    kind=kind,  # type: ignore[arg-type]
+                    expected_records=expected,
+                    metadata={
+                        "aqua-job-id": job.id or "",
+                        "aqua-batch-id": batch.batch_id or "",
+                        "aqua-file-id": file_id,
+                        "aqua-record-count": str(batch.record_count),
+                    },
+                    store_gzip=store_gzip,
+                )
+                started = time.monotonic()
+                async with self.aqua.open_file(
+                    file_id, accept_gzip=kind in ("csv", "tsv"), track_id=f"aqp-{file_id[:12]}-file"
+                ) as source:
+                    stored = await self.transfer.store(source, spec)
+                self.metrics.transfer_seconds.observe(time.monotonic() - started)
+                self.metrics.bytes.inc(stored.size)
+                if stored.record_count:
+                    self.metrics.records.inc(stored.record_count)
+                log.info("stored %s (%d bytes, %s records)", key, stored.size, stored.record_count)
+                out.append(
+                    ManifestObject(
+                        bucket=stored.bucket,
+                        key=stored.key,
+                        size=stored.size,
+                        sha256=stored.sha256,
+                        record_count=stored.record_count,
+                        batch_id=batch.batch_id,
+                        batch_name=batch.name,
+                        query=batch.query,
+                        file_id=file_id,
+                        segment=index if segmented else None,
+                        full=batch.full,
+                        deleted_column=deleted_column,
+                        content_type=stored.content_type,
+                        content_encoding=stored.content_encoding,
+                    )
+                )
+        if segmented and self.s3.verify_record_count:
+            total = sum(o.record_count or 0 for o in out)
+            if total != batch.record_count:
+                raise IntegrityError(
+                    f"batch {batch.name}: segments hold {total} records, AQuA reported {batch.record_count}"
+                )
+        return out
+
+    async def _publish(self, manifest: Manifest, key: str, owner: str) -> ProcessResult:
+        event = completed_event(manifest, source=self.events.source, manifest_bucket=self.s3.bucket, manifest_key=key)
+        await self._send(event)
+        await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
+        self.metrics.jobs.labels("published").inc()
+        log.info("job published: %d objects, %d records", len(manifest.objects), manifest.record_count)
+        return ProcessResult(Outcome.PUBLISHED)
+
+    async def _fail(self, job_id: str, owner: str, *, reason: str, message: str, job: Job | None) -> None:
+        event = failed_event(
+            job_id,
+            source=self.events.source,
+            reason=reason,
+            message=message,
+            aqua_status=job.status if job else None,
+            job_name=job.name if job else None,
+            partner=job.partner if job else None,
+            project=job.project if job else None,
+        )
+        await self._send(event)
+        await self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id)
+        self.metrics.jobs.labels("failed").inc()
+
+    async def _send(self, event: CloudEvent) -> None:
+        await self.publisher.publish(event)
+        self.metrics.events.labels(event.type).inc()

@@ -1,0 +1,97 @@
+"""Callbacks are lossy. The reconciler periodically finds jobs we submitted whose callback never came,
+re-reads them from AQuA, and feeds the finished ones into the same worker path; it also re-drives jobs
+stuck in an intermediate state past a deadline. Every replica may run one: a conditional write in the
+ledger elects one reconciler per job per round, and the worker's lease makes the work itself single."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from pipeline.aqua.client import AquaClient
+from pipeline.errors import AquaNotFound, PipelineError
+from pipeline.ledger import JobLedger, JobState, LedgerItem
+from pipeline.logs import bound
+from pipeline.metrics import Metrics
+from pipeline.models import WorkMessage
+from pipeline.settings import ReconcilerSettings
+from pipeline.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+_WAITING = (JobState.submitted,)
+_STUCK = (JobState.notified, JobState.transferring, JobState.stored)
+
+
+class Reconciler:
+    """Finds lost and stuck jobs and enqueues them."""
+
+    def __init__(
+        self,
+        *,
+        ledger: JobLedger,
+        aqua: AquaClient,
+        queue: WorkQueue,
+        settings: ReconcilerSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.ledger = ledger
+        self.aqua = aqua
+        self.queue = queue
+        self.settings = settings
+        self.metrics = metrics
+        self.owner = f"reconciler-{uuid.uuid4().hex[:10]}"
+
+    async def run_forever(self) -> None:
+        """Run a round every ``interval_s`` until cancelled; a failed round is logged and retried."""
+        while True:
+            try:
+                await self.run_once()
+            except PipelineError as exc:
+                log.warning("reconcile round failed: %s", exc)
+            await asyncio.sleep(self.settings.interval_s)
+
+    async def run_once(self) -> int:
+        """One round; returns how many jobs were enqueued."""
+        horizon = min(self.settings.callback_grace_s, self.settings.stuck_after_s)
+        candidates = await self.ledger.find_unfinished(horizon)
+        enqueued = 0
+        now = time.time()
+        for item in candidates:
+            age = now - (item.updated_at or now)
+            if item.state in _WAITING and age >= self.settings.callback_grace_s:
+                enqueued += await self._lost_callback(item)
+            elif item.state in _STUCK and age >= self.settings.stuck_after_s:
+                enqueued += await self._stuck(item)
+        return enqueued
+
+    async def _elect(self, item: LedgerItem) -> bool:
+        return await self.ledger.try_reconcile(item.job_id, self.owner, hold_s=self.settings.interval_s * 2)
+
+    async def _lost_callback(self, item: LedgerItem) -> int:
+        with bound(job_id=item.job_id):
+            if not await self._elect(item):
+                return 0
+            try:
+                job = await self.aqua.get_job(item.job_id, track_id=f"aqp-{item.job_id[:12]}-rec")
+            except AquaNotFound:
+                log.warning("submitted job is unknown to AQuA; sending it to the worker to fail it")
+                job = None
+            if job is not None and not job.finished:
+                log.debug("job still %s in AQuA", job.status)
+                return 0
+            log.info("callback never came; job is %s in AQuA: enqueueing", job.status if job else "unknown")
+            await self.queue.send(WorkMessage(job_id=item.job_id, reason="reconcile"))
+            self.metrics.reconciled.labels("lost_callback").inc()
+            return 1
+
+    async def _stuck(self, item: LedgerItem) -> int:
+        with bound(job_id=item.job_id):
+            if not await self._elect(item):
+                return 0
+            log.warning("job stuck in %s; re-driving it", item.state)
+            await self.queue.send(WorkMessage(job_id=item.job_id, reason="redrive"))
+            self.metrics.reconciled.labels("stuck").inc()
+            return 1

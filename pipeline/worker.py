@@ -1,0 +1,191 @@
+"""The SQS consumer: long-polls the work queue, runs a bounded number of jobs at once, keeps each message
+(and the job's ledger lease) alive while its transfer runs, and settles the message by the outcome.
+
+Stateless: everything it needs to resume lives in SQS and the ledger, so any replica can finish any job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import Metrics
+from pipeline.processor import Outcome, ProcessResult
+from pipeline.settings import QueueSettings
+from pipeline.workqueue import ReceivedWork, WorkQueue
+
+log = logging.getLogger(__name__)
+
+ProcessFn = Callable[..., Awaitable[ProcessResult]]
+
+
+def retry_delay_s(receive_count: int, *, base: int = 5, cap: int = 900) -> int:
+    """Visibility delay before a message is retried: grows with its receive count."""
+    return int(min(cap, base * 2 ** max(receive_count - 1, 0)))
+
+
+class Worker:
+    """Consumes work messages until stopped."""
+
+    def __init__(
+        self,
+        *,
+        queue: WorkQueue,
+        process: ProcessFn,
+        settings: QueueSettings,
+        metrics: Metrics,
+        lease_extender: Callable[[str, str, float], Awaitable[bool]] | None = None,
+        ledger_release: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.process = process
+        self.settings = settings
+        self.metrics = metrics
+        self.lease_extender = lease_extender
+        self.ledger_release = ledger_release
+        self.worker_id = uuid.uuid4().hex[:12]
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._poll_task: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs being worked on right now."""
+        return len(self._tasks)
+
+    def start(self) -> None:
+        """Start polling in the background (owned by this object; see :meth:`stop`)."""
+        self._poll_task = asyncio.create_task(self._poll_loop(), name="worker-poll")
+
+    async def _poll_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.settings.concurrency - len(self._tasks)
+            if free <= 0:
+                await self._wait_for_slot()
+                continue
+            try:
+                batch = await self.queue.receive(
+                    min(free, 10),
+                    wait_time_s=self.settings.wait_time_s,
+                    visibility_s=self.settings.visibility_timeout_s,
+                )
+                failures = 0
+            except PipelineError as exc:
+                failures += 1
+                delay = min(30.0, 0.5 * 2**failures)
+                log.warning("work queue receive failed (%s); retrying in %.1fs", exc, delay)
+                await self._sleep_unless_stopping(delay)
+                continue
+            for work in batch:
+                if self._stopping.is_set():
+                    await self._hand_back(work)
+                    continue
+                task = asyncio.create_task(self._handle(work), name=f"work-{work.receipt_handle[-8:]}")
+                self._tasks.add(task)
+                task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.metrics.in_flight.set(len(self._tasks))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("work task crashed", exc_info=task.exception())
+
+    async def _wait_for_slot(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _handle(self, work: ReceivedWork) -> None:
+        self.metrics.in_flight.set(len(self._tasks))
+        if work.message is None:
+            # Poison: make it visible again soon; after max receives SQS moves it to the DLQ.
+            await self._settle(self.queue.set_visibility(work.receipt_handle, 1))
+            return
+        job_id = work.message.job_id
+        if work.sent_at_ms:
+            self.metrics.work_lag.observe(max(0.0, time.time() - work.sent_at_ms / 1000))
+        owner = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
+        lease_s = float(self.settings.visibility_timeout_s)
+        final = work.receive_count >= self.settings.max_receives
+        heartbeat = asyncio.create_task(self._heartbeat(work, job_id, owner, lease_s), name=f"heartbeat-{job_id}")
+        try:
+            result = await self.process(job_id, owner=owner, lease_s=lease_s, final_attempt=final)
+        except asyncio.CancelledError:
+            log.warning("job %s interrupted; handing its message back", job_id)
+            await asyncio.shield(self._hand_back(work, job_id=job_id, owner=owner))
+            raise
+        except Exception:
+            log.exception("job %s: unexpected error; message will be retried", job_id)
+            result = ProcessResult(Outcome.RETRY, reason="internal_error")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        await self._settle_result(work, result)
+
+    async def _settle_result(self, work: ReceivedWork, result: ProcessResult) -> None:
+        o = result.outcome
+        if o in (Outcome.PUBLISHED, Outcome.FAILED, Outcome.DUPLICATE):
+            await self._settle(self.queue.delete(work.receipt_handle))
+        elif o == Outcome.FAILED_FINAL:
+            await self._settle(self.queue.set_visibility(work.receipt_handle, 0))
+        elif o == Outcome.BUSY:
+            await self._settle(self.queue.set_visibility(work.receipt_handle, self.settings.visibility_timeout_s))
+        else:
+            delay = retry_delay_s(work.receive_count)
+            if result.retry_after_s:
+                delay = max(delay, int(result.retry_after_s))
+            await self._settle(self.queue.set_visibility(work.receipt_handle, delay))
+
+    async def _settle(self, op: Awaitable[None]) -> None:
+        try:
+            await op
+        except PipelineError as exc:
+            # The message reappears after its visibility timeout and is handled again (idempotently).
+            log.warning("could not settle work message: %s", exc)
+
+    async def _heartbeat(self, work: ReceivedWork, job_id: str, owner: str, lease_s: float) -> None:
+        interval = max(1.0, lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.queue.set_visibility(work.receipt_handle, int(lease_s))
+                if self.lease_extender is not None:
+                    await self.lease_extender(job_id, owner, lease_s)
+            except PipelineError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _hand_back(self, work: ReceivedWork, *, job_id: str | None = None, owner: str | None = None) -> None:
+        """Make the message visible again now, and drop our lease, so another replica takes the job."""
+        await self._settle(self.queue.set_visibility(work.receipt_handle, 0))
+        if job_id and owner and self.ledger_release is not None:
+            try:
+                await self.ledger_release(job_id, owner)
+            except PipelineError as exc:
+                log.warning("could not release lease of %s: %s", job_id, exc)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop receiving, let in-flight jobs finish for ``grace_s``, then cancel and hand back the rest."""
+        self._stopping.set()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        if self._tasks:
+            log.info("draining %d in-flight job(s) for up to %.0fs", len(self._tasks), grace_s)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("handing back %d unfinished job(s)", len(pending))
+                await asyncio.wait(pending, timeout=15)

@@ -1,0 +1,110 @@
+"""The SQS work queue: one message per job to look at. Sending, long-poll receiving, visibility, deletion."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+
+from pipeline.errors import PipelineError
+from pipeline.models import WorkMessage, dumps
+
+log = logging.getLogger(__name__)
+
+
+class QueueError(PipelineError):
+    """SQS failed; retryable."""
+
+    retryable = True
+
+
+@dataclass(frozen=True)
+class ReceivedWork:
+    """A received work message and what is needed to settle it."""
+
+    message: WorkMessage | None  # None when the body is not a valid work message (poison)
+    receipt_handle: str
+    receive_count: int
+    sent_at_ms: int
+    raw_body: str
+
+
+class WorkQueue:
+    """Thin, typed wrapper over one SQS queue."""
+
+    def __init__(self, sqs: Any, queue_url: str) -> None:
+        self.sqs = sqs
+        self.queue_url = queue_url
+
+    async def send(self, message: WorkMessage, *, delay_s: int = 0) -> str:
+        """Enqueue ``message`` durably; returns the SQS message id."""
+        try:
+            resp = await self.sqs.send_message(
+                QueueUrl=self.queue_url,
+                MessageBody=dumps(message),
+                DelaySeconds=max(0, min(delay_s, 900)),
+                MessageAttributes={"job_id": {"DataType": "String", "StringValue": message.job_id}},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise QueueError(f"could not enqueue work for job {message.job_id}: {exc}") from exc
+        return str(resp["MessageId"])
+
+    async def receive(self, max_messages: int, *, wait_time_s: int, visibility_s: int) -> list[ReceivedWork]:
+        """Long-poll for up to ``max_messages`` (1..10) messages."""
+        try:
+            resp = await self.sqs.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=max(1, min(max_messages, 10)),
+                WaitTimeSeconds=wait_time_s,
+                VisibilityTimeout=visibility_s,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise QueueError(f"could not receive work: {exc}") from exc
+        out = []
+        for m in resp.get("Messages", []):
+            attrs = m.get("Attributes", {})
+            try:
+                msg: WorkMessage | None = WorkMessage.model_validate_json(m["Body"])
+            except ValidationError:
+                log.error("work message %s is not a valid work message; leaving it for the DLQ", m["MessageId"])
+                msg = None
+            out.append(
+                ReceivedWork(
+                    message=msg,
+                    receipt_handle=m["ReceiptHandle"],
+                    receive_count=int(attrs.get("ApproximateReceiveCount", "1")),
+                    sent_at_ms=int(attrs.get("SentTimestamp", "0")),
+                    raw_body=m["Body"],
+                )
+            )
+        return out
+
+    async def delete(self, receipt_handle: str) -> None:
+        """Settle a message for good."""
+        try:
+            await self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=receipt_handle)
+        except (ClientError, BotoCoreError) as exc:
+            raise QueueError(f"could not delete work message: {exc}") from exc
+
+    async def set_visibility(self, receipt_handle: str, seconds: int) -> None:
+        """Hide the message for ``seconds`` more (0 = hand it back now)."""
+        try:
+            await self.sqs.change_message_visibility(
+                QueueUrl=self.queue_url, ReceiptHandle=receipt_handle, VisibilityTimeout=max(0, min(seconds, 43200))
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise QueueError(f"could not change message visibility: {exc}") from exc
+
+    async def depth(self) -> int:
+        """Approximate number of visible messages (also a reachability probe)."""
+        try:
+            resp = await self.sqs.get_queue_attributes(
+                QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise QueueError(f"work queue unreachable: {exc}") from exc
+        return int(resp["Attributes"].get("ApproximateNumberOfMessages", "0"))

@@ -1,0 +1,205 @@
+"""CsvVerifier: hand-written edge cases, and property tests against Python's csv module with the input
+split at arbitrary chunk boundaries."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pipeline.csvcheck import CsvReport, CsvVerifier
+from pipeline.errors import IntegrityError
+
+
+def verify(data: bytes, *, cuts: list[int] | None = None, **kw: object) -> CsvReport:
+    v = CsvVerifier(**kw)  # type: ignore[arg-type]
+    points = sorted({c for c in (cuts or []) if 0 < c < len(data)})
+    prev = 0
+    for c in [*points, len(data)]:
+        v.feed(data[prev:c])
+        prev = c
+    return v.finish()
+
+
+def every_split(data: bytes, **kw: object) -> CsvReport:
+    """Check every single split point gives the same report as the whole, and return it."""
+    whole = verify(data, **kw)
+    for i in range(1, len(data)):
+        assert verify(data, cuts=[i], **kw) == whole, f"split at {i}"
+    assert verify(data, cuts=list(range(len(data))), **kw) == whole  # one byte at a time
+    return whole
+
+
+def reference(data: bytes, delimiter: str = ",") -> tuple[int, int, list[int]]:
+    """(records, columns, field count of each non-blank row) as Python's csv module reads it."""
+    rows = [r for r in csv.reader(io.StringIO(data.decode(), newline=""), delimiter=delimiter) if r]
+    if not rows:
+        return 0, 0, []
+    return len(rows) - 1, len(rows[0]), [len(r) for r in rows]
+
+
+def test_simple_lf_and_crlf() -> None:
+    for nl in (b"\n", b"\r\n"):
+        data = b"a,b,c" + nl + b"1,2,3" + nl + b"4,5,6" + nl
+        r = every_split(data)
+        assert (r.records, r.columns, r.errors) == (2, 3, ())
+        assert r.bytes == len(data)
+
+
+def test_no_trailing_newline_counts_last_row() -> None:
+    assert every_split(b"a,b\n1,2\n3,4").records == 2
+    assert every_split(b"a,b").records == 0
+    assert every_split(b"").records == 0
+
+
+def test_quoted_fields_with_delimiters_quotes_and_newlines() -> None:
+    data = b'id,note\r\n1,"a, b"\r\n2,"say ""hi"""\r\n3,"line1\r\nline2\nline3"\r\n4,""\r\n'
+    r = every_split(data)
+    assert (r.records, r.columns, r.ok) == (4, 2, True)
+    assert reference(data)[:2] == (4, 2)
+
+
+def test_quote_inside_unquoted_field_is_data() -> None:
+    data = b'a,b\n1,x"y\n2,"z"w\n'
+    r = every_split(data)
+    assert (r.records, r.ok) == (2, True)
+
+
+def test_blank_lines_are_not_records() -> None:
+    data = b"a,b\n\n1,2\r\n\r\n3,4\n\n"
+    r = every_split(data)
+    assert (r.records, r.ok) == (2, True)
+    one_col = b"a\n\nx\r\n\r\ny\n"
+    assert every_split(one_col).records == 2
+    assert every_split(b'a\n""\n').records == 1  # a quoted empty field is a record
+
+
+def test_non_rectangular_rows_are_reported_with_row_numbers() -> None:
+    data = b"a,b,c\n1,2,3\n1,2\n1,2,3,4\n"
+    r = every_split(data)
+    assert r.errors == ("row 3 has 2 fields, header has 3", "row 4 has 4 fields, header has 3")
+    with pytest.raises(IntegrityError, match="row 3 has 2 fields"):
+        r.raise_for_errors()
+
+
+def test_compensating_errors_are_still_caught() -> None:
+    # Same total number of delimiters as a rectangular file: a count-only shortcut would miss it.
+    r = every_split(b"a,b\n1,2,3\n4\n")
+    assert r.errors == ("row 2 has 3 fields, header has 2", "row 3 has 1 fields, header has 2")
+
+
+def test_nul_byte_offset() -> None:
+    data = b"a,b\n1,\x002\n"
+    r = every_split(data)
+    assert r.errors == ("NUL byte at offset 6",)
+
+
+def test_ends_inside_quoted_field() -> None:
+    r = every_split(b'a,b\n1,"unterminated\n')
+    assert "file ends inside a quoted field" in r.errors
+    # a closing quote as the very last byte is fine
+    assert every_split(b'a,b\n1,"done"').ok
+
+
+def test_record_count_mismatch() -> None:
+    r = verify(b"a\n1\n2\n", expected_records=3)
+    assert r.errors == ("record count 2 != expected 3",)
+    assert verify(b"a\n1\n2\n", expected_records=2).ok
+
+
+def test_shape_checks_can_be_disabled() -> None:
+    r = verify(b"a,b\n1\n\x00,2\n", check_shape=False)
+    assert (r.records, r.ok) == (2, True)
+
+
+def test_tsv() -> None:
+    data = b'a\tb\n1\t"x\ty"\n2\t3\n'
+    r = every_split(data, delimiter=b"\t")
+    assert (r.records, r.columns, r.ok) == (2, 2, True)
+    assert not verify(b"a\tb\n1,2\n", delimiter=b"\t").ok
+
+
+def test_header_with_quotes_and_chunked_header() -> None:
+    r = every_split(b'"Account.Id","Account: Name, Legal"\n1,2\n')
+    assert (r.records, r.columns, r.ok) == (1, 2, True)
+
+
+def test_error_cap_and_feed_after_finish() -> None:
+    v = CsvVerifier(max_errors=2)
+    v.feed(b"a,b\n" + b"1\n" * 10)
+    assert len(v.errors) == 2
+    v.finish()
+    with pytest.raises(RuntimeError):
+        v.feed(b"x")
+
+
+def test_bad_delimiter() -> None:
+    with pytest.raises(ValueError):
+        CsvVerifier(delimiter=b";")
+
+
+# -- property tests --------------------------------------------------------------------------------------
+
+field_text = st.text(alphabet=st.sampled_from(["a", "b", ",", '"', "\n", "\r", "\t", " ", "é"]), max_size=8)
+
+
+@st.composite
+def csv_documents(draw: st.DrawFn) -> tuple[bytes, str, int]:
+    delimiter = draw(st.sampled_from([",", "\t"]))
+    columns = draw(st.integers(min_value=1, max_value=5))
+    rows = draw(st.lists(st.lists(field_text, min_size=columns, max_size=columns), min_size=1, max_size=12))
+    out = io.StringIO(newline="")
+    writer = csv.writer(
+        out,
+        delimiter=delimiter,
+        lineterminator=draw(st.sampled_from(["\n", "\r\n"])),
+        quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])),
+    )
+    writer.writerows(rows)
+    text = out.getvalue()
+    if draw(st.booleans()):
+        text = text.rstrip("\r\n") if not text.endswith('"\r\n') else text  # sometimes no final newline
+    return text.encode(), delimiter, columns
+
+
+def assert_matches_csv_module(data: bytes, delimiter: str, cuts: list[int]) -> None:
+    whole = verify(data, delimiter=delimiter.encode())
+    assert verify(data, cuts=cuts, delimiter=delimiter.encode()) == whole
+    if any("quoted" in e for e in whole.errors):
+        return  # csv reads an unterminated quoted field differently (it may raise); we report it
+    try:
+        records, columns, counts = reference(data, delimiter)
+    except csv.Error:
+        assume(False)
+        return
+    assert (whole.records, whole.columns) == (records, columns)
+    bad = [f"row {i + 1} has {n} fields, header has {columns}" for i, n in enumerate(counts) if n != columns]
+    assert list(whole.errors) == bad[:20]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(doc=csv_documents(), cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_generated_csv_matches_csv_module_at_any_split(doc: tuple[bytes, str, int], cuts: list[int]) -> None:
+    data, delimiter, _ = doc
+    assert_matches_csv_module(data, delimiter, cuts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.text(alphabet=st.sampled_from(["a", ",", '"', "\n", "\r"]), max_size=60).map(str.encode),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=8),
+)
+def test_arbitrary_bytes_match_csv_module(data: bytes, cuts: list[int]) -> None:
+    """Any mix of the special bytes: same records and per-row field checks as csv, at any split."""
+    assert_matches_csv_module(data, ",", cuts)
+
+
+def test_generated_csv_written_with_lf_terminators_reads_back_rectangular() -> None:
+    rows = [["id", "text"], *[[str(i), f'v{i}, "q"\nnext'] for i in range(200)]]
+    out = io.StringIO(newline="")
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    r = verify(out.getvalue().encode(), cuts=[7, 100, 1001])
+    assert (r.records, r.columns, r.ok) == (200, 2, True)

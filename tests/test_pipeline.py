@@ -1,0 +1,280 @@
+"""End to end, over real HTTP: the AQuA simulator calls the service's callback route, the worker streams
+files into S3 on a moto server process, the manifest is committed, and a subscriber queue gets the event."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import boto3
+import orjson
+import pytest
+
+from pipeline.aqua.models import SubmitRequest
+from pipeline.aqua.simulator import SimulatorConfig, file_digest
+from pipeline.ledger import JobState
+from pipeline.settings import Settings
+from pipeline.testing.moto import MotoServer
+from pipeline.testing.stack import Stack, running_stack
+
+
+def request(
+    name: str = "e2e", fmt: str = "csv", queries: list[dict[str, Any]] | None = None, **extra: Any
+) -> SubmitRequest:
+    body: dict[str, Any] = {
+        "format": fmt,
+        "version": "1.1",
+        "name": name,
+        "useQueryLabels": True,
+        "queries": queries
+        or [
+            {"name": "Account", "type": "zoqlexport", "query": "select Id, Name, Balance, UpdatedDate from Account"},
+            {"name": "Invoice", "type": "zoqlexport", "query": "select * from Invoice"},
+        ],
+    }
+    body.update(extra)
+    return SubmitRequest.model_validate(body)
+
+
+def small_parts(s: Settings) -> Settings:
+    return s.model_copy(update={"s3": s.s3.model_copy(update={"part_size": 5 * 1024 * 1024, "parts_in_flight": 2})})
+
+
+async def land(stack: Stack, req: SubmitRequest, timeout_s: float = 60) -> tuple[str, Any]:
+    submitted = await stack.submit(req)
+    job_id = submitted.job.id or ""
+    item = await stack.wait_final(job_id, timeout_s=timeout_s)
+    return job_id, item
+
+
+async def assert_objects_match_simulator(stack: Stack, manifest: Any) -> None:
+    for obj in manifest.objects:
+        size, sha, records = await file_digest(stack.sim, obj.file_id)
+        data = await stack.object_bytes(obj.key)
+        assert len(data) == obj.size
+        assert hashlib.sha256(data).hexdigest() == obj.sha256
+        if obj.content_encoding is None and obj.key.endswith(".csv"):
+            assert obj.sha256 == sha, f"{obj.key} differs from the simulator's file"
+            assert obj.size == size
+            assert obj.record_count == records
+
+
+async def test_end_to_end_single_job(moto_server: MotoServer) -> None:
+    cfg = SimulatorConfig(rows={"Account": 3000, "Invoice": 5000}, step_delay_s=0.02)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        job_id, item = await land(stack, request())
+        assert item.state == JobState.published, item
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        assert [o.batch_name for o in manifest.objects] == ["Account", "Invoice"]
+        assert manifest.record_count == 8000
+        await assert_objects_match_simulator(stack, manifest)
+        events = await stack.drain_events()
+        assert len(events) == 1
+        ev = events[0]
+        assert ev["type"] == "com.zuora.aqua.export.completed"
+        assert ev["data"]["job_id"] == job_id
+        assert ev["data"]["manifest_key"] == item.manifest_key
+
+
+async def test_plain_boto3_consumer_reads_the_event(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url) as stack:
+        job_id, item = await land(stack, request())
+        assert item.state == JobState.published
+
+        def consume() -> list[dict[str, Any]]:
+            sqs = boto3.client(
+                "sqs",
+                endpoint_url=moto_server.url,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            )
+            resp = sqs.receive_message(QueueUrl=stack.resources.subscriber_queue_url, WaitTimeSeconds=2)
+            return [orjson.loads(orjson.loads(m["Body"])["Message"]) for m in resp.get("Messages", [])]
+
+        events = await asyncio.to_thread(consume)
+        assert [e["data"]["job_id"] for e in events] == [job_id]
+        assert events[0]["specversion"] == "1.0"
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zip"])
+async def test_compressed_formats_are_stored_as_delivered(moto_server: MotoServer, fmt: str) -> None:
+    async with running_stack(moto_server.url) as stack:
+        _, item = await land(stack, request(fmt=fmt))
+        assert item.state == JobState.published
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        for obj in manifest.objects:
+            size, sha, _ = await file_digest(stack.sim, obj.file_id)
+            assert (obj.size, obj.sha256) == (size, sha)
+            assert obj.key.endswith(".csv.gz" if fmt == "gzip" else ".zip")
+
+
+async def test_transport_gzip_stored_as_csv_gz(moto_server: MotoServer) -> None:
+    def gz(s: Settings) -> Settings:
+        return s.model_copy(update={"s3": s.s3.model_copy(update={"store_csv_gzip": True})})
+
+    async with running_stack(moto_server.url, tweak=gz) as stack:
+        _, item = await land(stack, request())
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        import gzip
+
+        for obj in manifest.objects:
+            assert obj.key.endswith(".csv.gz")
+            _, sha, records = await file_digest(stack.sim, obj.file_id)
+            decoded = gzip.decompress(await stack.object_bytes(obj.key))
+            assert hashlib.sha256(decoded).hexdigest() == sha
+            assert obj.record_count == records
+
+
+async def test_segments_of_a_stateful_full_load(moto_server: MotoServer) -> None:
+    cfg = SimulatorConfig(rows={"Account": 2500}, segment_records=1000, step_delay_s=0.02)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        req = request(
+            name="seg",
+            partner="examplepartner",
+            project=f"p-{id(stack)}",
+            queries=[{"name": "Account", "type": "zoqlexport", "query": "select Id, Name from Account"}],
+        )
+        _, item = await land(stack, req)
+        assert item.state == JobState.published
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        assert [o.segment for o in manifest.objects] == [1, 2, 3]
+        assert sum(o.record_count or 0 for o in manifest.objects) == 2500
+        assert all(o.full for o in manifest.objects)
+        await assert_objects_match_simulator(stack, manifest)
+
+
+async def test_empty_result_lands_with_zero_records(moto_server: MotoServer) -> None:
+    cfg = SimulatorConfig(rows={"Account": 0}, step_delay_s=0.02)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        req = request(queries=[{"name": "Account", "type": "zoqlexport", "query": "select Id from Account"}])
+        _, item = await land(stack, req)
+        assert item.state == JobState.published
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        assert manifest.record_count == 0
+        events = await stack.drain_events()
+        assert [e["type"] for e in events] == ["com.zuora.aqua.export.completed"]
+
+
+async def test_cancelled_job_ends_in_a_failure_event(moto_server: MotoServer) -> None:
+    cfg = SimulatorConfig(step_delay_s=0.5)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        submitted = await stack.submit(request())
+        job_id = submitted.job.id or ""
+        await stack.components.aqua.cancel_job(job_id)
+        item = await stack.wait_final(job_id)
+        assert item.state == JobState.failed
+        assert item.error_reason == "job_cancelled"
+        events = await stack.drain_events()
+        assert [(e["type"], e["data"]["reason"]) for e in events] == [("com.zuora.aqua.export.failed", "job_cancelled")]
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0
+
+
+async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url) as stack:
+        stack.sim.faults.abort_batches = True
+        _, item = await land(stack, request())
+        assert item.state == JobState.failed
+        assert item.error_reason == "job_aborted"
+        events = await stack.drain_events()
+        assert events[0]["data"]["aqua_status"] == "aborted"
+        assert events[0]["data"]["message"]
+
+
+async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_server: MotoServer) -> None:
+    def one_try(s: Settings) -> Settings:
+        return s.model_copy(
+            update={
+                "queue": s.queue.model_copy(update={"max_receives": 1}),
+                "aqua": s.aqua.model_copy(update={"max_attempts": 1}),
+            }
+        )
+
+    async with running_stack(moto_server.url, tweak=one_try) as stack:
+        stack.sim.faults.cut_file_after_bytes = 1000
+        _, item = await land(
+            stack, request(queries=[{"name": "Account", "type": "zoqlexport", "query": "select Id, Name from Account"}])
+        )
+        assert item.state == JobState.failed
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0
+        uploads = await stack.clients.s3.list_multipart_uploads(Bucket=stack.settings.s3.bucket)
+        assert not uploads.get("Uploads")
+        events = await stack.drain_events()
+        assert [e["type"] for e in events] == ["com.zuora.aqua.export.failed"]
+
+
+async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url) as stack:
+        stack.sim.faults.lose_callbacks = True
+        submitted = await stack.submit(request())
+        job_id = submitted.job.id or ""
+        await stack.components.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        url = submitted.notify_url.replace("${JOBID}", job_id).replace("${STATUS}", "completed")
+        async with aiohttp.ClientSession() as http:
+
+            async def call() -> int:
+                async with http.get(url) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(call() for _ in range(10)))
+        assert all(s in (200, 202) for s in statuses), statuses
+        item = await stack.wait_final(job_id)
+        assert item.state == JobState.published
+        await asyncio.sleep(1.5)  # let the duplicate messages be seen and dropped
+        events = await stack.drain_events()
+        assert len(events) == 1
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        keys = [o["Key"] for o in listed.get("Contents", [])]
+        assert len(keys) == 3  # two data objects + one manifest
+
+
+async def test_crash_between_stored_and_published_publishes_once(moto_server: MotoServer) -> None:
+    def short_visibility(s: Settings) -> Settings:
+        return s.model_copy(update={"queue": s.queue.model_copy(update={"visibility_timeout_s": 5})})
+
+    async with running_stack(moto_server.url, tweak=short_visibility) as stack:
+        publisher = stack.components.processor.publisher
+        original: Callable[..., Any] = publisher.publish
+        calls = {"n": 0}
+
+        async def crashing_publish(event: Any) -> str:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated crash after stored")
+            result: str = await original(event)
+            return result
+
+        publisher.publish = crashing_publish  # type: ignore[method-assign]
+        job_id, item = await land(stack, request(), timeout_s=60)
+        assert item.state == JobState.published
+        assert calls["n"] == 2
+        events = await stack.drain_events()
+        assert len(events) == 1 and events[0]["data"]["job_id"] == job_id
+
+
+async def test_malformed_callbacks_enqueue_nothing(moto_server: MotoServer) -> None:
+    def no_token(s: Settings) -> Settings:
+        return s.model_copy(update={"security": s.security.model_copy(update={"require_token": False})})
+
+    async with running_stack(moto_server.url, tweak=no_token, run_worker=False) as stack:
+        base = stack.service_url + stack.settings.http.callback_path
+        async with aiohttp.ClientSession() as http:
+            for query in ("", "?jobId=nothex", "?jobId=" + "a" * 32 + "&status=weird", "?jobId=../../etc"):
+                async with http.get(base + query) as resp:
+                    assert resp.status == 400, query
+                    body = await resp.json()
+                    assert body["error"]
+            async with http.post(base, data=b"{not json", headers={"Content-Type": "application/json"}) as resp:
+                assert resp.status == 400
+            async with http.post(base, data=b"x" * (200 * 1024), headers={"Content-Type": "application/json"}) as resp:
+                assert resp.status == 413
+            # well-formed but unknown to us
+            async with http.get(base + "?jobId=" + "b" * 32 + "&status=completed") as resp:
+                assert resp.status == 404
+        depth = await stack.components.queue.depth()
+        assert depth == 0
