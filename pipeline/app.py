@@ -78,7 +78,7 @@ async def build_components(settings: Settings, stack: AsyncExitStack, metrics: M
         queue_url = str(resp["QueueUrl"])
     queue = WorkQueue(aws.sqs, queue_url)
     publisher = build_publisher(aws, settings.events)
-    manifests = ManifestStore(aws.s3, settings.s3.bucket, settings.s3.manifest_template)
+    manifests = ManifestStore.from_settings(aws.s3, settings.s3)
     transfer = S3Transfer(aws.s3, settings.s3)
     processor = JobProcessor(
         aqua=aqua,

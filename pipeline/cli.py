@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline end to end on embedded defaults")
     p.add_argument("--records", type=int, default=20000, help="rows in the sample Account export")
     p.add_argument("--keep-running", action="store_true", help="leave everything up until Ctrl-C")
+    p.add_argument("--verbose", action="store_true", help="show the service's own log lines too")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("simulator", help="run the local AQuA API simulator")
@@ -202,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"aqua-pipeline: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, getattr(args, "log_format", None) or settings.log_format)
+    if args.command == "demo" and not args.verbose:
+        configure_logging("WARNING", "text")
+    else:
+        configure_logging(settings.log_level, settings.log_format)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, settings)
