@@ -52,6 +52,11 @@ def file_extension(kind: str, store_gzip: bool) -> str:
     return {"gzip": "csv.gz", "zip": "zip"}[kind]
 
 
+def is_stateful(job: Job) -> bool:
+    """Stateful mode: version 1.1/1.2 with both partner and project (REFERENCE.md §3.4)."""
+    return bool(job.partner and job.project and job.version in ("1.1", "1.2"))
+
+
 def job_date(job: Job) -> str:
     """A date for object keys that is the same on every retry: the job's start date, as AQuA reports it."""
     if job.start_time and len(job.start_time) >= 10:
@@ -87,7 +92,7 @@ class JobProcessor:
         """Take the job as far as it can go; never raises for a job-level problem."""
         with bound(job_id=job_id):
             item = await self.ledger.get(job_id)
-            if item is not None and self._finished(item):
+            if item is not None and item.done:
                 log.info("job already %s; nothing to do", item.state)
                 return ProcessResult(Outcome.DUPLICATE)
             claimed = await self.ledger.claim(job_id, owner, lease_s)
@@ -104,10 +109,6 @@ class JobProcessor:
                 log.error("job failed: %s", exc)
                 await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None)
                 return ProcessResult(Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED, reason=exc.reason)
-
-    @staticmethod
-    def _finished(item: LedgerItem) -> bool:
-        return item.state == JobState.published or (item.state == JobState.failed and bool(item.event_id))
 
     async def _run(self, item: LedgerItem, owner: str) -> ProcessResult:
         job_id = item.job_id
@@ -129,6 +130,10 @@ class JobProcessor:
             message = "; ".join(f"{b.name}: {b.message}" for b in job.batches if b.message) or (job.message or "")
             await self._fail(job_id, owner, reason=f"job_{job.status}", message=message, job=job)
             return ProcessResult(Outcome.FAILED, reason=f"job_{job.status}")
+        if not await self._hold_session(job):
+            log.info("stateful session %s/%s is busy with another job; will retry", job.partner, job.project)
+            await self.ledger.release(job_id, owner)
+            return ProcessResult(Outcome.BUSY)
         await self.ledger.mark_transferring(job_id, owner)
         objects: list[ManifestObject] = []
         for batch in job.batches:
@@ -140,7 +145,7 @@ class JobProcessor:
             partner=job.partner,
             project=job.project,
             format=job.format,
-            stateful=bool(job.partner and job.project and job.version in ("1.1", "1.2")),
+            stateful=is_stateful(job),
             start_time=job.start_time,
             record_count=sum(o.record_count or 0 for o in objects),
             total_bytes=sum(o.size for o in objects),
@@ -234,10 +239,38 @@ class JobProcessor:
                 )
         return out
 
+    async def _hold_session(self, job: Job) -> bool:
+        """Stateful jobs of one (partner, project) are landed one at a time, as AQuA runs them.
+
+        A session left held by a job that has since finished (or vanished) is taken over.
+        """
+        if not is_stateful(job) or not job.id:
+            return True
+        partner, project = job.partner or "", job.project or ""
+        if await self.ledger.acquire_session(partner, project, job.id):
+            return True
+        session = await self.ledger.get_session(partner, project)
+        holder = session.holder_job_id if session else None
+        if holder and holder != job.id:
+            item = await self.ledger.get(holder)
+            if item is None or item.done:
+                log.warning("taking over session %s/%s from finished job %s", partner, project, holder)
+                await self.ledger.release_session(partner, project, holder)
+                return await self.ledger.acquire_session(partner, project, job.id)
+        return False
+
+    async def _end_session(self, job_id: str, partner: str | None, project: str | None, start: str | None) -> None:
+        if partner and project:
+            if start is not None:
+                await self.ledger.record_session_completion(partner, project, job_id, start)
+            await self.ledger.release_session(partner, project, job_id)
+
     async def _publish(self, manifest: Manifest, key: str, owner: str) -> ProcessResult:
         event = completed_event(manifest, source=self.events.source, manifest_bucket=self.s3.bucket, manifest_key=key)
         await self._send(event)
         await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
+        if manifest.stateful:
+            await self._end_session(manifest.job_id, manifest.partner, manifest.project, manifest.start_time)
         self.metrics.jobs.labels("published").inc()
         log.info("job published: %d objects, %d records", len(manifest.objects), manifest.record_count)
         return ProcessResult(Outcome.PUBLISHED)
@@ -255,6 +288,8 @@ class JobProcessor:
         )
         await self._send(event)
         await self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id)
+        if job is not None and is_stateful(job):
+            await self._end_session(job_id, job.partner, job.project, None)
         self.metrics.jobs.labels("failed").inc()
 
     async def _send(self, event: CloudEvent) -> None:

@@ -114,6 +114,7 @@ class HttpSettings(_Group):
     callback_path: str = "/callbacks/aqua"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    drain_delay_s: float = Field(default=5.0, ge=0)
 
 
 class SecuritySettings(_Group):

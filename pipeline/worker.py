@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from pipeline.errors import PipelineError
+from pipeline.logs import bound
 from pipeline.metrics import Metrics
 from pipeline.processor import Outcome, ProcessResult
 from pipeline.settings import QueueSettings
@@ -53,6 +54,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._poll_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -112,6 +114,12 @@ class Worker:
             await self._settle(self.queue.set_visibility(work.receipt_handle, 1))
             return
         job_id = work.message.job_id
+        # The callback's Zuora-Track-Id, else one id for this attempt: every line of the job carries it.
+        track_id = work.message.track_id or f"aqp-{job_id[:12]}-{uuid.uuid4().hex[:8]}"
+        with bound(job_id=job_id, track_id=track_id):
+            await self._run(work, job_id)
+
+    async def _run(self, work: ReceivedWork, job_id: str) -> None:
         if work.sent_at_ms:
             self.metrics.work_lag.observe(max(0.0, time.time() - work.sent_at_ms / 1000))
         owner = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
@@ -140,7 +148,8 @@ class Worker:
         elif o == Outcome.FAILED_FINAL:
             await self._settle(self.queue.set_visibility(work.receipt_handle, 0))
         elif o == Outcome.BUSY:
-            await self._settle(self.queue.set_visibility(work.receipt_handle, self.settings.visibility_timeout_s))
+            busy_for = result.retry_after_s or retry_delay_s(work.receive_count, base=2, cap=60)
+            await self._settle(self.queue.set_visibility(work.receipt_handle, int(busy_for)))
         else:
             delay = retry_delay_s(work.receive_count)
             if result.retry_after_s:
@@ -174,8 +183,23 @@ class Worker:
             except PipelineError as exc:
                 log.warning("could not release lease of %s: %s", job_id, exc)
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has been called."""
+        return self._stopping.is_set()
+
     async def stop(self, grace_s: float) -> None:
-        """Stop receiving, let in-flight jobs finish for ``grace_s``, then cancel and hand back the rest."""
+        """Stop receiving, let in-flight jobs finish for ``grace_s``, then cancel and hand back the rest.
+
+        Idempotent: a second call (e.g. the app's cleanup after ``serve`` began draining) waits for the first.
+        Cancelled jobs abort their multipart uploads, make their messages visible again and release their
+        ledger leases before this returns, so it must run before the AWS clients close.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(grace_s), name="worker-stop")
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace_s: float) -> None:
         self._stopping.set()
         if self._poll_task is not None:
             self._poll_task.cancel()
@@ -188,4 +212,7 @@ class Worker:
                 task.cancel()
             if pending:
                 log.warning("handing back %d unfinished job(s)", len(pending))
-                await asyncio.wait(pending, timeout=15)
+                _, stuck = await asyncio.wait(pending, timeout=15)
+                if stuck:
+                    log.error("%d job(s) did not finish handing back; their messages reappear on timeout", len(stuck))
+        log.info("worker stopped")

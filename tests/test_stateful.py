@@ -1,0 +1,102 @@
+"""Stateful sessions: one (partner, project) lands one job at a time; full then incremental loads are
+marked in the manifest and the event; the session's last completed job is recorded in the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from pipeline.aqua.models import SubmitRequest
+from pipeline.aqua.simulator import SimulatorConfig
+from pipeline.ledger import JobState
+from pipeline.testing.moto import MotoServer
+from pipeline.testing.stack import running_stack
+
+
+def stateful(project: str, *, queries: bool = True) -> SubmitRequest:
+    body: dict[str, Any] = {
+        "format": "csv",
+        "version": "1.1",
+        "name": "warehouse",
+        "partner": "examplepartner",
+        "project": project,
+        "useQueryLabels": True,
+    }
+    if queries:
+        body["queries"] = [
+            {
+                "name": "Account",
+                "type": "zoqlexport",
+                "query": "select Id, Name, UpdatedDate from Account",
+                "deleted": {"column": "IsDeleted", "format": "Boolean"},
+            }
+        ]
+    else:
+        body["useLastCompletedJobQueries"] = True
+    return SubmitRequest.model_validate(body)
+
+
+async def test_two_jobs_of_one_session_never_land_at_once(moto_server: MotoServer) -> None:
+    cfg = SimulatorConfig(rows={"Account": 4000}, step_delay_s=0.02)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        active: set[str] = set()
+        overlap: list[set[str]] = []
+        original = c.transfer.store
+
+        async def tracking_store(source: Any, spec: Any) -> Any:
+            job_id = spec.metadata["aqua-job-id"]
+            active.add(job_id)
+            if len(active) > 1:
+                overlap.append(set(active))
+            try:
+                await asyncio.sleep(0.2)  # widen the window in which a second job could sneak in
+                return await original(source, spec)
+            finally:
+                active.discard(job_id)
+
+        c.transfer.store = tracking_store  # type: ignore[method-assign]
+        first = await stack.submit(stateful("proj-a"))
+        second = await stack.submit(stateful("proj-a", queries=False))
+        ids = [first.job.id or "", second.job.id or ""]
+        for job_id in ids:
+            await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        # Both callbacks at once: two workers race for the same session.
+        async with aiohttp.ClientSession() as http:
+
+            async def call(sub: Any, job_id: str) -> int:
+                url = sub.notify_url.replace("${JOBID}", job_id).replace("${STATUS}", "Completed")
+                async with http.get(url) as resp:
+                    return resp.status
+
+            assert await asyncio.gather(call(first, ids[0]), call(second, ids[1])) == [202, 202]
+        items = [await stack.wait_final(job_id, timeout_s=60) for job_id in ids]
+        assert [i.state for i in items] == [JobState.published, JobState.published]
+        assert overlap == []
+        manifests = [await c.manifests.load(i.manifest_key or "") for i in items]
+        assert [m.stateful for m in manifests] == [True, True]
+        assert [m.objects[0].full for m in manifests] == [True, False]
+        assert all(m.objects[0].deleted_column == "IsDeleted" for m in manifests)
+        assert manifests[1].record_count < manifests[0].record_count
+        session = await c.ledger.get_session("examplepartner", "proj-a")
+        assert session is not None and session.holder_job_id is None
+        assert session.last_job_id in ids
+        events = await stack.drain_events()
+        assert sorted(e["data"]["job_id"] for e in events) == sorted(ids)
+        assert all(e["data"]["objects"][0]["full"] is not None for e in events)
+
+
+async def test_session_held_by_a_finished_job_is_taken_over(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url) as stack:
+        c = stack.components
+        # A job that crashed while holding the session and has since failed for good.
+        await c.ledger.acquire_session("examplepartner", "proj-b", "f" * 32)
+        await c.ledger.record_submission("f" * 32, submission_id=None, job_name="x", partner=None, project=None)
+        assert await c.ledger.claim("f" * 32, "crashed", 60) is not None
+        await c.ledger.mark_failed("f" * 32, "crashed", reason="boom", message="boom", event_id="e")
+        submitted = await stack.submit(stateful("proj-b"))
+        item = await stack.wait_final(submitted.job.id or "", timeout_s=30)
+        assert item.state == JobState.published
