@@ -43,7 +43,9 @@ test-slow: install
 	$(PY) -m pytest -q -p no:cacheprovider -m slow; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 bench: install
-	$(PY) -m bench.transfer --sizes 64MiB
+	$(PY) -m bench.transfer --sizes 64MiB --repeat 3
+	$(PY) -m bench.callbacks --rates 100,500 --duration 5
+	$(PY) -m bench.e2e --repeat 3 --burst 20 --wait-times 1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

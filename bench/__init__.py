@@ -1,1 +1,1 @@
-"""Benchmarks: each module is a command (python -m bench.<name>) that prints a table and writes JSON."""
+"""Benchmarks: rerunnable commands (``python -m bench.transfer|callbacks|e2e``), not timed unit tests."""

@@ -189,6 +189,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "responses": responses("200", 400, 401, 404, 422),
                 },
             },
+            "/admin/openapi.json": {
+                "get": {"summary": "This document", "security": [], "responses": responses("200")},
+            },
             "/admin/jobs/{job_id}/replay": {
                 "post": {
                     "summary": "Replay transfer + event",

@@ -70,7 +70,7 @@ async def build_components(settings: Settings, stack: AsyncExitStack, metrics: M
     http = await stack.enter_async_context(
         aiohttp.ClientSession(timeout=timeout, auto_decompress=False, connector=aiohttp.TCPConnector(limit=100))
     )
-    aqua = AquaClient(http, settings.aqua)
+    aqua = AquaClient(http, settings.aqua, on_retry=lambda cause: metrics.upstream_retries.labels(cause).inc())
     ledger = JobLedger(aws.dynamodb, settings.ledger)
     queue_url = settings.queue.work_queue_url
     if not queue_url:
@@ -247,13 +247,13 @@ def make_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> web.
 
 
 def serve(settings: Settings) -> None:
-    """Run the service until SIGTERM/SIGINT: readiness fails first, then the worker drains, then exit."""
+    """Run the service until SIGTERM/SIGINT, then shut down gracefully (see :func:`drain`)."""
     asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = make_runner(app, shutdown_timeout=settings.http.shutdown_grace_s)
+    runner = make_runner(app, shutdown_timeout=min(settings.http.shutdown_grace_s, _REQUEST_DRAIN_S))
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port)
     await site.start()
@@ -263,7 +263,42 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: readiness now fails; draining")
-    app[STATE_KEY]["draining"] = True
-    await runner.cleanup()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)  # a second signal now kills the process the default way
+    await drain(app, runner, settings)
     log.info("stopped")
+
+
+_REQUEST_DRAIN_S = 10.0
+"""How long closing the listener waits for in-flight HTTP requests (callbacks answer in milliseconds)."""
+
+
+async def drain(app: web.Application, runner: web.AppRunner, settings: Settings) -> None:
+    """Graceful shutdown, in order:
+
+    1. ``/readyz`` answers 503 and the worker stops receiving; in-flight jobs keep running. The grace period
+       (``http.shutdown_grace_s``) for those jobs starts now.
+    2. For ``http.drain_delay_s`` callbacks are still served, so the load balancer can deregister the target.
+    3. The listener closes (in-flight requests get up to 10 s).
+    4. The worker waits for what is left of the grace period, then cancels unfinished jobs: each aborts its
+       multipart upload, makes its message visible again and releases its ledger lease.
+    5. The AWS clients and the HTTP session close (cleanup contexts, in reverse order).
+    """
+    grace = settings.http.shutdown_grace_s
+    log.info(
+        "shutting down: readiness fails; callbacks served for %.0fs; jobs get %.0fs", settings.http.drain_delay_s, grace
+    )
+    app[STATE_KEY]["draining"] = True
+    worker = app.get(WORKER_KEY)
+    stopping = asyncio.create_task(worker.stop(grace)) if worker is not None else None
+    await asyncio.sleep(settings.http.drain_delay_s)
+    await _close_sites(runner)
+    if stopping is not None:
+        await stopping
+    await runner.cleanup()
+
+
+async def _close_sites(runner: web.AppRunner) -> None:
+    """Stop accepting connections on every site of ``runner`` (requests already in flight continue)."""
+    for site in list(runner.sites):
+        await site.stop()

@@ -10,6 +10,7 @@ Accepted shapes (REFERENCE.md §7):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from pipeline.aqua.client import check_track_id
 from pipeline.aqua.models import is_aqua_id
 from pipeline.callback_auth import AuthResult, CallbackAuthenticator
 from pipeline.errors import CallbackRejected, PipelineError
@@ -65,7 +67,10 @@ async def read_fields(request: web.Request) -> dict[str, str]:
     for k, v in request.query.items():
         fields.setdefault(k.lower(), v)
     if request.method == "POST" and request.can_read_body:
-        body = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+        try:
+            body = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+        except web.HTTPRequestEntityTooLarge:
+            raise CallbackRejected("callback body is too large", status=413, code="payload_too_large") from None
         ctype = request.content_type
         if body and ctype == "application/json":
             try:
@@ -104,8 +109,11 @@ def parse_params(fields: Mapping[str, str], headers: Mapping[str, str]) -> Callb
     if notification_id is not None and (len(notification_id) > 128 or not notification_id.isprintable()):
         raise CallbackRejected("invalid Zuora-Notification-Id", code="invalid_notification_id")
     track_id = headers.get("Zuora-Track-Id") or headers.get("Zuora-Request-Id")
-    if track_id is not None and (len(track_id) > 64 or not track_id.isprintable()):
-        track_id = None
+    if track_id is not None:
+        try:
+            track_id = check_track_id(track_id)
+        except ValueError:
+            track_id = None  # not usable as our own Zuora-Track-Id; correlation falls back to ours
     partner = _pick(fields, _PARTNER_KEYS)
     return CallbackParams(job_id.lower(), status, partner, notification_id, track_id)
 
@@ -136,14 +144,26 @@ class CallbackHandler:
         finally:
             self.metrics.callback_latency.observe(time.perf_counter() - started)
 
+    async def _known_job(self, job_id: str) -> bool:
+        """True when the job was submitted by this service (callouts without a token of ours)."""
+        for delay in (0.0, *UNKNOWN_JOB_WAIT_S):
+            if delay:
+                await asyncio.sleep(delay)
+            if await self.ledger.get(job_id) is not None:
+                return True
+        return False
+
     async def _handle(self, request: web.Request) -> web.Response:
         fields = await read_fields(request)
         auth: AuthResult = self.authenticator.authenticate(query=fields, headers=request.headers, remote=request.remote)
         params = parse_params(fields, request.headers)
         with bound(job_id=params.job_id, track_id=params.track_id):
             if auth.claim is not None:
-                await self.ledger.bind_submission(auth.claim.submission_id, params.job_id)
-            elif await self.ledger.get(params.job_id) is None:
+                if not await self.ledger.bind_submission(auth.claim.submission_id, params.job_id):
+                    raise CallbackRejected(
+                        "callback token belongs to another job", status=403, code="token_job_mismatch"
+                    )
+            elif not await self._known_job(params.job_id):
                 raise CallbackRejected(
                     "no job with this id was submitted by this service", status=404, code="unknown_job"
                 )
@@ -167,6 +187,10 @@ class CallbackHandler:
             self.metrics.callbacks.labels("accepted").inc()
             log.info("callback accepted (status %s, via %s)", params.status, auth.method)
             return json_response(202, {"accepted": True, "job_id": params.job_id})
+
+
+UNKNOWN_JOB_WAIT_S = (0.1, 0.2, 0.4, 0.8)
+"""A callout can outrun the submitter's ledger write for a fast job; look again briefly before refusing."""
 
 
 def json_response(status: int, body: object, *, headers: Mapping[str, str] | None = None) -> web.Response:

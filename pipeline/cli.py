@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.errors import PipelineError
+from pipeline.errors import AquaUnavailable, PipelineError
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings, SettingsError, load_settings
 
@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args, settings)
     except KeyboardInterrupt:
         return 130
+    except AquaUnavailable as exc:
+        print(f"aqua-pipeline: AQuA at {settings.aqua.base_url} is unavailable: {exc}", file=sys.stderr)
+        return 1
     except (PipelineError, UsageError, ValueError, OSError) as exc:
         print(f"aqua-pipeline: {exc}", file=sys.stderr)
         return 1

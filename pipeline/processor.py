@@ -13,8 +13,8 @@ from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Batch, Job, JobStatus
 from pipeline.errors import AquaNotFound, IntegrityError, PipelineError
 from pipeline.events import EventPublisher, completed_event, failed_event
-from pipeline.ledger import JobLedger, JobState, LedgerItem
-from pipeline.logs import bound
+from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
+from pipeline.logs import bound, track_id_var
 from pipeline.manifest import ManifestStore, object_key
 from pipeline.metrics import Metrics
 from pipeline.models import CloudEvent, Manifest, ManifestObject
@@ -100,26 +100,34 @@ class JobProcessor:
                 log.info("job is leased by another worker")
                 return ProcessResult(Outcome.BUSY, retry_after_s=lease_s)
             try:
-                return await self._run(claimed, owner)
-            except PipelineError as exc:
-                if exc.retryable and not final_attempt:
-                    log.warning("retryable failure: %s", exc)
-                    await self.ledger.release(job_id, owner)
-                    return ProcessResult(Outcome.RETRY, reason=exc.reason)
-                log.error("job failed: %s", exc)
-                await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None)
-                return ProcessResult(Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED, reason=exc.reason)
+                try:
+                    return await self._run(claimed, owner, lease_s)
+                except LeaseLost:
+                    raise
+                except PipelineError as exc:
+                    if exc.retryable and not final_attempt:
+                        log.warning("retryable failure: %s", exc)
+                        await self.ledger.release(job_id, owner)
+                        return ProcessResult(Outcome.RETRY, reason=exc.reason)
+                    log.error("job failed: %s", exc)
+                    await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None, lease_s=lease_s)
+                    outcome = Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED
+                    return ProcessResult(outcome, reason=exc.reason)
+            except LeaseLost as exc:
+                # Another worker owns the job now (our lease expired): it finishes the job; we publish nothing.
+                log.warning("lost the job's lease; leaving it to its new owner: %s", exc)
+                return ProcessResult(Outcome.BUSY, retry_after_s=lease_s)
 
-    async def _run(self, item: LedgerItem, owner: str) -> ProcessResult:
+    async def _run(self, item: LedgerItem, owner: str, lease_s: float) -> ProcessResult:
         job_id = item.job_id
         if item.state == JobState.stored and item.manifest_key:
             log.info("resuming after a crash: manifest already stored, publishing")
             manifest = await self.manifests.load(item.manifest_key)
-            return await self._publish(manifest, item.manifest_key, owner)
+            return await self._publish(manifest, item.manifest_key, owner, lease_s)
         try:
-            job = await self.aqua.get_job(job_id, track_id=f"aqp-{job_id[:12]}-get")
+            job = await self.aqua.get_job(job_id, track_id=track_id_var.get())
         except AquaNotFound as exc:
-            await self._fail(job_id, owner, reason="unknown_job", message=str(exc), job=None)
+            await self._fail(job_id, owner, reason="unknown_job", message=str(exc), job=None, lease_s=lease_s)
             return ProcessResult(Outcome.FAILED, reason="unknown_job")
         status = job.job_status
         if not job.finished:
@@ -128,7 +136,7 @@ class JobProcessor:
             return ProcessResult(Outcome.NOT_READY, retry_after_s=30)
         if status != JobStatus.COMPLETED:
             message = "; ".join(f"{b.name}: {b.message}" for b in job.batches if b.message) or (job.message or "")
-            await self._fail(job_id, owner, reason=f"job_{job.status}", message=message, job=job)
+            await self._fail(job_id, owner, reason=f"job_{job.status}", message=message, job=job, lease_s=lease_s)
             return ProcessResult(Outcome.FAILED, reason=f"job_{job.status}")
         if not await self._hold_session(job):
             log.info("stateful session %s/%s is busy with another job; will retry", job.partner, job.project)
@@ -158,7 +166,7 @@ class JobProcessor:
         await self.ledger.mark_stored(
             job_id, owner, manifest_key=key, record_count=manifest.record_count, total_bytes=manifest.total_bytes
         )
-        return await self._publish(manifest, key, owner)
+        return await self._publish(manifest, key, owner, lease_s)
 
     async def _store_batch(self, job: Job, batch: Batch, owner: str) -> list[ManifestObject]:
         kind = _KINDS.get((job.format or "CSV").upper(), "csv")
@@ -205,7 +213,7 @@ class JobProcessor:
                 )
                 started = time.monotonic()
                 async with self.aqua.open_file(
-                    file_id, accept_gzip=kind in ("csv", "tsv"), track_id=f"aqp-{file_id[:12]}-file"
+                    file_id, accept_gzip=kind in ("csv", "tsv"), track_id=track_id_var.get()
                 ) as source:
                     stored = await self.transfer.store(source, spec)
                 self.metrics.transfer_seconds.observe(time.monotonic() - started)
@@ -265,8 +273,10 @@ class JobProcessor:
                 await self.ledger.record_session_completion(partner, project, job_id, start)
             await self.ledger.release_session(partner, project, job_id)
 
-    async def _publish(self, manifest: Manifest, key: str, owner: str) -> ProcessResult:
+    async def _publish(self, manifest: Manifest, key: str, owner: str, lease_s: float) -> ProcessResult:
         event = completed_event(manifest, source=self.events.source, manifest_bucket=self.s3.bucket, manifest_key=key)
+        if not await self.ledger.extend_lease(manifest.job_id, owner, lease_s):
+            raise LeaseLost(f"job {manifest.job_id}: lease lost before publishing")
         await self._send(event)
         await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
         if manifest.stateful:
@@ -275,7 +285,9 @@ class JobProcessor:
         log.info("job published: %d objects, %d records", len(manifest.objects), manifest.record_count)
         return ProcessResult(Outcome.PUBLISHED)
 
-    async def _fail(self, job_id: str, owner: str, *, reason: str, message: str, job: Job | None) -> None:
+    async def _fail(
+        self, job_id: str, owner: str, *, reason: str, message: str, job: Job | None, lease_s: float
+    ) -> None:
         event = failed_event(
             job_id,
             source=self.events.source,
@@ -286,6 +298,8 @@ class JobProcessor:
             partner=job.partner if job else None,
             project=job.project if job else None,
         )
+        if not await self.ledger.extend_lease(job_id, owner, lease_s):
+            raise LeaseLost(f"job {job_id}: lease lost before publishing its failure")
         await self._send(event)
         await self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id)
         if job is not None and is_stateful(job):

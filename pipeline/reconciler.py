@@ -63,6 +63,10 @@ class Reconciler:
             age = now - (item.updated_at or now)
             if item.state in _WAITING and age >= self.settings.callback_grace_s:
                 enqueued += await self._lost_callback(item)
+            elif item.state is JobState.notified and age >= self.settings.callback_grace_s and not item.lease_live(now):
+                # The callback was recorded but its work message may never have been sent (SQS was down and we
+                # answered 503; AQuA does not retry): as good as a lost callback.
+                enqueued += await self._lost_callback(item, why="unqueued_callback")
             elif item.state in _STUCK and age >= self.settings.stuck_after_s:
                 enqueued += await self._stuck(item)
         return enqueued
@@ -70,7 +74,7 @@ class Reconciler:
     async def _elect(self, item: LedgerItem) -> bool:
         return await self.ledger.try_reconcile(item.job_id, self.owner, hold_s=self.settings.interval_s * 2)
 
-    async def _lost_callback(self, item: LedgerItem) -> int:
+    async def _lost_callback(self, item: LedgerItem, *, why: str = "lost_callback") -> int:
         with bound(job_id=item.job_id):
             if not await self._elect(item):
                 return 0
@@ -84,7 +88,7 @@ class Reconciler:
                 return 0
             log.info("callback never came; job is %s in AQuA: enqueueing", job.status if job else "unknown")
             await self.queue.send(WorkMessage(job_id=item.job_id, reason="reconcile"))
-            self.metrics.reconciled.labels("lost_callback").inc()
+            self.metrics.reconciled.labels(why).inc()
             return 1
 
     async def _stuck(self, item: LedgerItem) -> int:

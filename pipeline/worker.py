@@ -135,6 +135,9 @@ class Worker:
         except Exception:
             log.exception("job %s: unexpected error; message will be retried", job_id)
             result = ProcessResult(Outcome.RETRY, reason="internal_error")
+            if self.ledger_release is not None:
+                with contextlib.suppress(PipelineError):
+                    await self.ledger_release(job_id, owner)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -101,6 +101,15 @@ def _error_from_body(data: Any, *, status: int, request_id: str | None) -> AquaV
     )
 
 
+def _retry_cause(error: UpstreamError) -> str:
+    """The metrics label of a retried failure."""
+    if isinstance(error, AquaRateLimited):
+        return "rate_limited"
+    if error.status is not None and error.status >= 500:
+        return "server_error"
+    return "connection"
+
+
 class _Attempt(Exception):
     """One attempt failed in a way a retry may fix."""
 
@@ -120,8 +129,12 @@ class AquaClient:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_retry`` is told the cause of every retry: ``rate_limited``, ``server_error``, ``connection``
+        or ``auth_refresh`` (a metrics hook; it must not raise)."""
         self._session = session
+        self._on_retry = on_retry
         self._settings = settings
         self._clock = clock
         self._sleep = sleep
@@ -345,6 +358,7 @@ class AquaClient:
                 attempt -= 1
                 log.warning("aqua %s: 401, refreshing the token once (request_id=%s)", op, exc.error.request_id)
                 self.auth.invalidate(exc.token)
+                self._retrying("auth_refresh")
                 continue
             except _Attempt as exc:
                 failure = exc
@@ -369,7 +383,12 @@ class AquaClient:
                 failure.error.request_id,
                 track,
             )
+            self._retrying(_retry_cause(failure.error))
             await self._sleep(delay)
+
+    def _retrying(self, cause: str) -> None:
+        if self._on_retry is not None:
+            self._on_retry(cause)
 
     async def _attempt(
         self,

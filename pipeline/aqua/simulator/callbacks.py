@@ -172,4 +172,4 @@ class CallbackSender:
             **extra,
         }
         self.sim.callback_log.append(entry)
-        log.info("simulator: callback %s %s -> %s", method, url, status)
+        log.info("simulator: callback %s %s -> %s", method, url.split("?", 1)[0], status)

@@ -1,0 +1,355 @@
+"""Callback load benchmark: the receiver (``python -m pipeline serve``, worker off) against a bare aiohttp
+handler that only answers 200, on loopback, both driven by the same open-loop load generator.
+
+Every callback carries a fresh job id and a real notifyUrl token minted with the service's signing key, so
+the receiver does the full work: verify token -> ``bind_submission`` -> ``record_callback`` (DynamoDB on
+moto) -> durable ``SendMessage`` (SQS on moto) -> 202. The generator runs in its own process, sends at a
+constant arrival rate (open loop: latency is measured from each request's *scheduled* time, so a slow
+server cannot slow the generator down and hide its queueing), and a closed-loop saturation run gives the
+sustained ceiling. CPU of the receiver and of moto is sampled from ``/proc`` to say what bounds each figure.
+
+    python -m bench.callbacks --rates 100,500,1000 --duration 15
+    python -m bench.callbacks --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import command_line, machine, median, moto, percentile, table, wait_http, write_results
+from pipeline.testing.moto import free_port
+
+CALLBACK_PATH = "/callbacks/aqua"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU seconds consumed so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+# -- the bare ceiling --------------------------------------------------------------------------------------
+
+
+def run_bare(port: int) -> int:
+    """A handler that answers 200 at once (the ceiling for this machine, this HTTP stack, this generator)."""
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"accepted": True})
+
+    app = web.Application()
+    app.router.add_route("*", CALLBACK_PATH, ok)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    return 0
+
+
+# -- the load generator (its own process) ------------------------------------------------------------------
+
+
+def _urls(base: str, n: int, signing_key: str | None) -> list[str]:
+    from pydantic import SecretStr
+
+    from pipeline.tokens import TokenSigner, build_notify_url
+
+    signer = TokenSigner([SecretStr(signing_key or "bare")], 7 * 24 * 3600)
+    out = []
+    for _ in range(n):
+        notify = build_notify_url(base, CALLBACK_PATH, signer.issue().token)
+        out.append(notify.replace("${JOBID}", uuid.uuid4().hex).replace("${STATUS}", "Completed"))
+    return out
+
+
+async def _open_loop(urls: list[str], rate: float, max_inflight: int) -> dict[str, Any]:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    dropped = 0
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_inflight), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+
+        async def one(url: str, scheduled: float) -> None:
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    statuses[str(resp.status)] += 1
+                    if resp.status < 300:
+                        latencies.append(loop.time() - scheduled)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                statuses[type(exc).__name__] += 1
+
+        start = loop.time() + 0.1
+        for i, url in enumerate(urls):
+            scheduled = start + i / rate
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(tasks) >= max_inflight:
+                dropped += 1
+                continue
+            task = asyncio.create_task(one(url, scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+        elapsed = loop.time() - start
+    return _stats("open", rate, latencies, statuses, dropped, elapsed, len(urls))
+
+
+async def _closed_loop(urls: list[str], concurrency: int, duration: float) -> dict[str, Any]:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    it = iter(urls)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        start = loop.time()
+        deadline = start + duration
+
+        async def worker() -> None:
+            for url in it:
+                if loop.time() >= deadline:
+                    return
+                sent = loop.time()
+                try:
+                    async with session.get(url) as resp:
+                        await resp.read()
+                        statuses[str(resp.status)] += 1
+                        if resp.status < 300:
+                            latencies.append(loop.time() - sent)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    statuses[type(exc).__name__] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = loop.time() - start
+    return _stats("closed", None, latencies, statuses, 0, elapsed, sum(statuses.values()))
+
+
+def _stats(
+    mode: str,
+    rate: float | None,
+    lat: list[float],
+    statuses: Counter[str],
+    dropped: int,
+    elapsed: float,
+    offered: int,
+) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "offered_rate": rate,
+        "offered": offered,
+        "ok": len(lat),
+        "dropped": dropped,
+        "statuses": dict(statuses),
+        "elapsed_s": elapsed,
+        "sustained_per_s": len(lat) / elapsed if elapsed else 0.0,
+        "p50_ms": percentile(lat, 50) * 1000,
+        "p99_ms": percentile(lat, 99) * 1000,
+        "max_ms": max(lat) * 1000 if lat else float("nan"),
+    }
+
+
+def run_loadgen(a: argparse.Namespace) -> int:
+    """Entry point of the generator process: prints one JSON line."""
+    if a.rate:
+        urls = _urls(a.url, int(a.rate * a.duration), a.signing_key)
+        result = asyncio.run(_open_loop(urls, a.rate, a.max_inflight))
+    else:
+        urls = _urls(a.url, int(a.concurrency * a.duration * 400) + 1000, a.signing_key)
+        result = asyncio.run(_closed_loop(urls, a.concurrency, a.duration))
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+# -- orchestration -----------------------------------------------------------------------------------------
+
+
+async def _provision(moto_url: str, log_dir: Path) -> Any:
+    from pipeline.aqua.simulator import SimulatorConfig
+    from pipeline.aws import open_clients
+    from pipeline.provision import ensure_resources, settings_with_resources
+    from pipeline.testing.stack import local_settings
+
+    port = free_port()
+    settings = local_settings(moto_url, "http://127.0.0.1:9", SimulatorConfig(), port, uuid.uuid4().hex[:10])
+    settings = settings.model_copy(
+        update={
+            "log_format": "json",
+            "http": settings.http.model_copy(update={"shutdown_grace_s": 1.0}),
+            "queue": settings.queue.model_copy(update={"worker_enabled": False}),
+            "reconciler": settings.reconciler.model_copy(update={"enabled": False}),
+        }
+    )
+    async with AsyncExitStack() as stack:
+        clients = await open_clients(stack, settings.aws)
+        resources = await ensure_resources(clients, settings)
+    return settings_with_resources(settings, resources)
+
+
+def _load(url: str, key: str | None, *, rate: float | None, duration: float, concurrency: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.callbacks", "--loadgen", "--url", url, "--duration", str(duration)]
+    cmd += ["--rate", str(rate or 0), "--concurrency", str(concurrency)]
+    if key:
+        cmd += ["--signing-key", key]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """Bare and ours at each offered rate (interleaved), then a closed-loop saturation run of each."""
+    from pipeline.testing.procs import ServiceProcess
+
+    rates = [float(r) for r in a.rates.split(",")]
+    runs: list[dict[str, Any]] = []
+    with moto() as server, tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
+        assert server.proc is not None
+        settings = asyncio.run(_provision(server.url, Path(tmp)))
+        service = ServiceProcess(settings, Path(tmp) / "service.log").start()
+        bare_port = free_port()
+        bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
+        try:
+            wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
+            key = settings.security.signing_keys[0].get_secret_value()
+            targets = {
+                "bare": (f"http://127.0.0.1:{bare_port}", None, bare.pid),
+                "ours": (service.url, key, service.proc.pid if service.proc else 0),
+            }
+            plan: list[tuple[float | None, str]] = []
+            for offered in rates:
+                for _ in range(a.repeat):
+                    plan += [(offered, "bare"), (offered, "ours")]
+            plan += [(None, "bare"), (None, "ours")]
+            for rate, name in plan:
+                url, k, pid = targets[name]
+                cpu0, moto0, t0 = cpu_seconds(pid), cpu_seconds(server.proc.pid), time.monotonic()
+                r = _load(url, k, rate=rate, duration=a.duration, concurrency=a.concurrency)
+                wall = time.monotonic() - t0
+                r["target"] = name
+                r["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / wall
+                r["moto_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - moto0) / wall
+                runs.append(r)
+                print(
+                    f"  {name:4s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
+                    f"p50 {r['p50_ms']:7.2f}ms p99 {r['p99_ms']:8.2f}ms  server cpu {r['server_cpu_pct']:5.1f}% "
+                    f"moto cpu {r['moto_cpu_pct']:5.1f}%  {r['statuses']}",
+                    flush=True,
+                )
+        finally:
+            bare.send_signal(signal.SIGINT)
+            bare.wait(10)
+            service.terminate()
+    return {
+        "bench": "callbacks",
+        "command": command_line("bench.callbacks"),
+        "machine": machine(),
+        "summary": summarize(runs),
+        "runs": runs,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians per (target, offered rate); closed-loop rows carry the ratio of ours to bare."""
+    out: list[dict[str, Any]] = []
+    keys = sorted({(r["offered_rate"] or 0.0, r["target"]) for r in runs})
+    for rate, target in keys:
+        rs = [r for r in runs if (r["offered_rate"] or 0.0) == rate and r["target"] == target]
+        out.append(
+            {
+                "target": target,
+                "offered": "saturation (closed loop)" if not rate else f"{rate:g}/s",
+                "sustained_per_s": median([r["sustained_per_s"] for r in rs]),
+                "p50_ms": median([r["p50_ms"] for r in rs]),
+                "p99_ms": median([r["p99_ms"] for r in rs]),
+                "errors": sum(sum(v for s, v in r["statuses"].items() if not s.startswith("2")) for r in rs),
+                "dropped": sum(r["dropped"] for r in rs),
+                "server_cpu_pct": median([r["server_cpu_pct"] for r in rs]),
+                "moto_cpu_pct": median([r["moto_cpu_pct"] for r in rs]),
+            }
+        )
+    sat = {s["target"]: s["sustained_per_s"] for s in out if s["offered"].startswith("saturation")}
+    if sat.get("bare"):
+        for s in out:
+            if s["offered"].startswith("saturation") and s["target"] == "ours":
+                s["ratio_to_bare"] = s["sustained_per_s"] / sat["bare"]
+    return out
+
+
+def render(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table."""
+    headers = ["target", "offered", "sustained/s", "p50 ms", "p99 ms", "errors", "server CPU %", "moto CPU %"]
+    rows = [
+        [
+            s["target"],
+            s["offered"],
+            s["sustained_per_s"],
+            s["p50_ms"],
+            s["p99_ms"],
+            s["errors"] + s["dropped"],
+            s["server_cpu_pct"],
+            s["moto_cpu_pct"],
+        ]
+        for s in summary
+    ]
+    text = table(headers, rows)
+    ratio = [s["ratio_to_bare"] for s in summary if "ratio_to_bare" in s]
+    if ratio:
+        text += f"\n\nsaturation: ours / bare = {ratio[0]:.1%}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.callbacks``."""
+    p = argparse.ArgumentParser(prog="python -m bench.callbacks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="100,500,1000", help="offered rates, requests/s, comma-separated")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    p.add_argument("--repeat", type=int, default=1, help="runs per rate and target")
+    p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop saturation run")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 10/s for 1 s")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--signing-key", help=argparse.SUPPRESS)
+    p.add_argument("--max-inflight", type=int, default=512, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.bare:
+        return run_bare(a.port)
+    if a.loadgen:
+        return run_loadgen(a)
+    if a.quick:
+        a.rates, a.duration, a.repeat, a.concurrency = "10", 1.0, 1, 4
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run(a)
+    print(render(result["summary"]))
+    if not a.no_write:
+        print(f"results: {write_results('callbacks', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Smoke runs of the bench commands at tiny sizes: they still start their helper processes, measure, print a
+table and write their JSON (into a temporary results directory)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import bench.common
+from bench.common import parse_size, percentile, table
+
+
+def run_bench(module: str, tmp_path: Path) -> dict[str, Any]:
+    code = (
+        "import sys, pathlib, bench.common as c; c.RESULTS = pathlib.Path(sys.argv[1]); "
+        f"import {module} as m; sys.exit(m.main(['--quick']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=Path.cwd()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| " in proc.stdout  # the table
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    result: dict[str, Any] = orjson.loads(files[0].read_bytes())
+    assert result["machine"] and result["command"]
+    return result
+
+
+def test_helpers() -> None:
+    assert parse_size("256MiB") == 256 * 1024**2
+    assert parse_size("4GiB") == 4 * 1024**3
+    assert parse_size("1000") == 1000
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 50) == 5
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 99) == 10
+    assert table(["a", "b"], [[1, 2.5]]).splitlines()[2] == "| 1 | 2.5 |"
+    assert bench.common.RESULTS.name == "results"
+
+
+@pytest.mark.timeout(60)
+def test_transfer_quick(tmp_path: Path) -> None:
+    result = run_bench("bench.transfer", tmp_path)
+    rows = {s["variant"]: s for s in result["summary"]}
+    assert set(rows) == {"ours", "download_upload", "whole_body"}
+    for row in rows.values():
+        assert row["bytes"] > 8_000_000 and row["wall_s_median"] > 0 and row["peak_rss_mib_median"] > 0
+    ours = [r for r in result["runs"] if r["variant"] == "ours"]
+    assert ours[0]["records"] > 0 and ours[0]["parts"] >= 1  # verification ran, the object landed
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_quick(tmp_path: Path) -> None:
+    result = run_bench("bench.callbacks", tmp_path)
+    runs = result["runs"]
+    assert {r["target"] for r in runs} == {"bare", "ours"}
+    ours = [r for r in runs if r["target"] == "ours"]
+    assert all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)  # authenticated, enqueued
+
+
+@pytest.mark.timeout(60)
+def test_e2e_quick(tmp_path: Path) -> None:
+    result = run_bench("bench.e2e", tmp_path)
+    rows = result["summary"]
+    assert [r["samples"] for r in rows] == [2, 3]
+    assert all(r["p50_ms"] > 0 for r in rows)
