@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -50,6 +51,7 @@ MAX_PARTS = 10_000
 GROWTH_EVERY = 1_000  # unknown size: the part size doubles every this many parts
 _INFLATE_STEP = MIB  # at most this many decoded bytes per zlib call (bounds memory on gzip bombs)
 _INLINE_HASH_MAX = MIB  # smaller bodies are hashed on the loop; bigger ones in a thread (hashlib frees the GIL)
+_VERIFY_BATCH = MIB  # the CSV verifier checks this many bytes per call (its numpy fast path likes big blocks)
 _S3_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _MEDIA = {"csv": "text/csv", "tsv": "text/tab-separated-values", "zip": "application/zip", "gzip": "application/gzip"}
 
@@ -129,6 +131,7 @@ class S3Transfer:
         or whatever the source raised (``UpstreamError``), after aborting any multipart upload.
         """
         stats = stats if stats is not None else TransferStats()
+        await self.abort_stale_uploads(spec.bucket, spec.key)
         flow = _Flow(source, spec, self._settings)
         exact = source.content_length if flow.stores_wire_bytes else None
         part_size = self.plan_part_size(self._settings.part_size, source.content_length)
@@ -155,6 +158,32 @@ class S3Transfer:
             etag=etag,
             parts=parts,
         )
+
+    async def abort_stale_uploads(self, bucket: str, key: str) -> int:
+        """Abort every unfinished multipart upload of exactly ``key``; returns how many were aborted.
+
+        A worker killed mid-transfer (SIGKILL, OOM, lost node) never aborts its upload, and S3 keeps the parts
+        (billed, invisible) until the bucket's ``AbortIncompleteMultipartUpload`` lifecycle rule fires, days
+        later. The job's ledger lease makes the caller the only worker on this job, so any upload of its key
+        is a leftover of an earlier attempt. Best effort: a failure here is logged, never raised.
+        """
+        aborted = 0
+        try:
+            resp = await self._s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
+            for upload in resp.get("Uploads", []):
+                if upload.get("Key") != key:  # the prefix also matches longer keys
+                    continue
+                try:
+                    await self._s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                        raise
+                aborted += 1
+        except _S3_ERRORS as exc:
+            logger.warning("could not clean up stale multipart uploads of s3://%s/%s: %s", bucket, key, exc)
+        if aborted:
+            logger.info("aborted %d stale multipart upload(s) of s3://%s/%s", aborted, bucket, key)
+        return aborted
 
     async def _pump(self, source: FileSource, flow: _Flow, upload: _Upload, stats: TransferStats) -> None:
         declared = source.content_length
@@ -234,6 +263,7 @@ class _Flow:
                 delimiter=b"\t" if spec.kind == "tsv" else b",",
                 expected_records=spec.expected_records if settings.verify_record_count else None,
                 check_shape=settings.verify_csv_shape,
+                batch_bytes=_VERIFY_BATCH,
             )
             if verify
             else None
@@ -296,11 +326,17 @@ def _charset(content_type: str) -> str:
     return "utf-8"
 
 
-def _digest(sha: Any, body: bytes, algorithm: str) -> str:
+def _digest(sha: Any, body: io.BytesIO, algorithm: str) -> str:
     """Update the whole-object SHA-256 and return the part's base64 S3 checksum."""
-    sha.update(body)
-    raw = zlib.crc32(body).to_bytes(4, "big") if algorithm == "CRC32" else hashlib.sha256(body).digest()
+    with body.getbuffer() as view:
+        sha.update(view)
+        raw = zlib.crc32(view).to_bytes(4, "big") if algorithm == "CRC32" else hashlib.sha256(view).digest()
     return base64.b64encode(raw).decode()
+
+
+def _length(body: io.BytesIO) -> int:
+    with body.getbuffer() as view:
+        return view.nbytes
 
 
 class _Upload:
@@ -368,11 +404,12 @@ class _Upload:
                     **{self._checksum_field: checksum},
                     **self._args,
                 )
-            self._stats.hold(-len(body))
-            self._stats.bytes_out += len(body)
+            size = _length(body)
+            self._stats.hold(-size)
+            self._stats.bytes_out += size
             self._stats.parts += 1
             return str(resp["ETag"]).strip('"'), 1
-        if body:
+        if _length(body):
             await self._ship(body)
         if self._tasks:
             await asyncio.wait(self._tasks)
@@ -411,10 +448,15 @@ class _Upload:
                 exc_info=True,
             )
 
-    def _take(self, n: int) -> bytes:
-        """Remove and return exactly ``n`` pending bytes, joined once."""
+    def _take(self, n: int) -> io.BytesIO:
+        """Remove exactly ``n`` pending bytes and return them copied once into a part body.
+
+        The body is a ``BytesIO`` that owns its buffer: given ``bytes``, botocore would wrap them in a
+        ``BytesIO`` sharing them, and aiohttp's ``getbuffer()`` would then copy the whole part once more.
+        """
+        body = io.BytesIO()
         if n == 0:
-            return b""
+            return body
         out: list[bytes | memoryview] = []
         need = n
         used = 0
@@ -432,15 +474,18 @@ class _Upload:
                 break
         del self._pending[:used]
         self._pending_len -= n
-        return out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
+        body.writelines(out)
+        body.seek(0)
+        return body
 
-    async def _digest(self, body: bytes) -> str:
-        self.size += len(body)
-        if len(body) <= _INLINE_HASH_MAX:
+    async def _digest(self, body: io.BytesIO) -> str:
+        size = _length(body)
+        self.size += size
+        if size <= _INLINE_HASH_MAX:
             return _digest(self.sha256, body, self._algorithm)
         return await asyncio.to_thread(_digest, self.sha256, body, self._algorithm)
 
-    async def _ship(self, body: bytes) -> None:
+    async def _ship(self, body: io.BytesIO) -> None:
         if self._upload_id is None:
             with _s3_errors("CreateMultipartUpload"):
                 resp = await self._s3.create_multipart_upload(
@@ -467,7 +512,8 @@ class _Upload:
             growth = 2 ** ((self._next_part - 1) // GROWTH_EVERY)
             self._part_size = min(self._base_part_size * growth, MAX_PART_SIZE)
 
-    async def _upload_part(self, number: int, body: bytes, checksum: str) -> None:
+    async def _upload_part(self, number: int, body: io.BytesIO, checksum: str) -> None:
+        size = _length(body)
         try:
             with _s3_errors("UploadPart"):
                 resp = await self._s3.upload_part(
@@ -480,10 +526,10 @@ class _Upload:
                     **{self._checksum_field: checksum},
                 )
             self._parts[number] = {"PartNumber": number, "ETag": resp["ETag"], self._checksum_field: checksum}
-            self._stats.bytes_out += len(body)
+            self._stats.bytes_out += size
             self._stats.parts += 1
         finally:
-            self._stats.hold(-len(body))
+            self._stats.hold(-size)
             self._slots.release()
 
     def _part_done(self, task: asyncio.Task[None]) -> None:

@@ -170,12 +170,16 @@ class Worker:
         interval = max(1.0, lease_s / 3)
         while True:
             await asyncio.sleep(interval)
+            # The two are independent: an SQS outage must not let the ledger lease lapse, and vice versa.
             try:
                 await self.queue.set_visibility(work.receipt_handle, int(lease_s))
-                if self.lease_extender is not None:
-                    await self.lease_extender(job_id, owner, lease_s)
             except PipelineError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat could not extend the message's visibility: %s", exc)
+            if self.lease_extender is not None:
+                try:
+                    await self.lease_extender(job_id, owner, lease_s)
+                except PipelineError as exc:
+                    log.warning("heartbeat could not extend the job's lease: %s", exc)
 
     async def _hand_back(self, work: ReceivedWork, *, job_id: str | None = None, owner: str | None = None) -> None:
         """Make the message visible again now, and drop our lease, so another replica takes the job."""

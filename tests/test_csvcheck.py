@@ -203,3 +203,74 @@ def test_generated_csv_written_with_lf_terminators_reads_back_rectangular() -> N
     csv.writer(out, lineterminator="\n").writerows(rows)
     r = verify(out.getvalue().encode(), cuts=[7, 100, 1001])
     assert (r.records, r.columns, r.ok) == (200, 2, True)
+
+
+# -- the numpy fast path and its hand-overs to the exact walk ------------------------------------------
+
+
+def verify_batched(data: bytes, cuts: list[int], batch: int, **kw: object) -> CsvReport:
+    return verify(data, cuts=cuts, batch_bytes=batch, **kw)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    doc=csv_documents(),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+    batch=st.sampled_from([1, 7, 64, 1 << 20]),
+)
+def test_batching_gives_the_same_report(doc: tuple[bytes, str, int], cuts: list[int], batch: int) -> None:
+    data, delimiter, _ = doc
+    kw = {"delimiter": delimiter.encode()}
+    assert verify_batched(data, cuts, batch, **kw) == verify(data, **kw)
+
+
+def _big(rows: int, line: bytes = b'1,"x, ""y""\nz",3\n') -> bytes:
+    return b"a,b,c\n" + line * rows
+
+
+@pytest.mark.parametrize("batch", [0, 4096])
+@pytest.mark.parametrize(
+    ("odd", "records", "errors"),
+    [
+        (b'2,x"y,3\n', 2001, ()),  # a quote inside an unquoted field: the exact walk, then fast again
+        (b"2,3,4\r5,6,7\n", 2002, ()),  # a bare \r ends a record
+        (b"2,3\n", 2001, ("row 1002 has 2 fields, header has 3",)),
+    ],
+)
+def test_unusual_line_in_a_big_file(batch: int, odd: bytes, records: int, errors: tuple[str, ...]) -> None:
+    data = _big(1000) + odd + _big(1000)[6:]
+    whole = verify(data, batch_bytes=batch)
+    assert (whole.records, whole.columns, whole.errors) == (records, 3, errors)
+    for step in (1000, 4093, 65536):
+        assert verify(data, cuts=list(range(step, len(data), step)), batch_bytes=batch) == whole
+
+
+def test_quote_never_closed_in_a_big_file() -> None:
+    data = _big(1000) + b'2,"open\n' + b"1,2,3\n" * 1000  # all that follows the quote is one field
+    whole = verify(data, batch_bytes=4096)
+    assert whole.records == 1001
+    assert whole.errors == ("file ends inside a quoted field", "row 1002 has 2 fields, header has 3")
+    assert verify(data, cuts=list(range(4093, len(data), 4093))) == whole
+
+
+def test_long_line_goes_to_the_exact_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.csvcheck._CARRY_MAX", 64)
+    data = b"a,b\n" + b'1,"' + b"long, quoted\n" * 50 + b'"\n' + b"2,3\n" * 50
+    whole = verify(data)
+    assert (whole.records, whole.columns, whole.ok) == (51, 2, True)
+    assert verify(data, cuts=list(range(10, len(data), 10))) == whole
+
+
+def test_line_with_more_than_65535_fields() -> None:
+    header = b",".join([b"c"] * 70_000) + b"\n"
+    data = header + header + b",".join([b"1"] * 69_999) + b"\n" + b"x\n" * 3
+    r = verify(data, cuts=[len(data) // 2])
+    assert r.records == 5
+    assert r.errors[:2] == ("row 3 has 69999 fields, header has 70000", "row 4 has 1 fields, header has 70000")
+
+
+def test_crlf_and_blank_lines_on_the_fast_path() -> None:
+    data = b"a,b\r\n" + b'1,"x\r\ny"\r\n\r\n\n' * 500 + b"2,3"
+    r = verify(data, cuts=list(range(100, len(data), 777)), batch_bytes=2048)
+    assert (r.records, r.columns, r.ok) == (501, 2, True)
+    assert reference(data)[:2] == (501, 2)

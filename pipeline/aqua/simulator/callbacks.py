@@ -71,10 +71,11 @@ class CallbackSender:
         if faults.lose_callbacks:
             self._record(kind="lost", url=job.notify_url or "", method="", status=None, job=job)
             return
+        notification_id = secrets.token_hex(16)  # one notification, however often it is re-delivered
         for _ in range(1 + faults.duplicate_callbacks):
             callout = self.sim.config.ui_callout
             if callout is not None:
-                await self._ui_callout(job, callout)
+                await self._ui_callout(job, callout, notification_id)
             elif job.notify_url:
                 await self._notify_url(job)
 
@@ -96,7 +97,7 @@ class CallbackSender:
     def _timeout(self, total: float | None = None) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=total or self.sim.config.callback_timeout_s)
 
-    async def _ui_callout(self, job: JobState, callout: UiCalloutConfig) -> None:
+    async def _ui_callout(self, job: JobState, callout: UiCalloutConfig, notification_id: str) -> None:
         fields = {
             "Aqua.JobId": job.id,
             "Aqua.JobStatus": self.status_word(job.status),
@@ -104,7 +105,6 @@ class CallbackSender:
             "Event.Category": EVENT_CATEGORY,
             "Event.Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.sim.clock.now())),
         }
-        notification_id = secrets.token_hex(16)
         auth = bool(callout.user)
         for attempt in range(1, callout.max_attempts + 1):
             send_auth = auth and callout.preemptive
