@@ -218,6 +218,46 @@ def _load(url: str, key: str | None, *, rate: float | None, duration: float, con
     return result
 
 
+async def _emulator_ceiling(settings: Any, *, duration: float, concurrency: int) -> dict[str, Any]:
+    """The emulator's own ceiling: the AWS calls one accepted callback makes (bind the token's submission,
+    record the callback, enqueue the work message), issued directly with no HTTP receiver in front."""
+    from pipeline.aws import open_clients
+    from pipeline.ledger import JobLedger
+    from pipeline.models import WorkMessage
+    from pipeline.workqueue import WorkQueue
+
+    latencies: list[float] = []
+    async with AsyncExitStack() as stack:
+        clients = await open_clients(stack, settings.aws)
+        ledger = JobLedger(clients.dynamodb, settings.ledger)
+        queue = WorkQueue(clients.sqs, settings.queue.work_queue_url)
+        deadline = time.monotonic() + duration
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                job_id = uuid.uuid4().hex
+                t = time.perf_counter()
+                await ledger.bind_submission(uuid.uuid4().hex, job_id)
+                await ledger.record_callback(job_id, status="completed", notification_id=None)
+                await queue.send(WorkMessage(job_id=job_id))
+                latencies.append(time.perf_counter() - t)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.monotonic() - started
+    latencies.sort()
+    return {
+        "target": "emulator",
+        "mode": "closed",
+        "offered_rate": None,
+        "sustained_per_s": len(latencies) / wall,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+        "statuses": {"200": len(latencies)},
+        "dropped": 0,
+    }
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """Bare and ours at each offered rate (interleaved), then a closed-loop saturation run of each."""
     from pipeline.testing.procs import ServiceProcess
@@ -257,6 +297,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     f"moto cpu {r['moto_cpu_pct']:5.1f}%  {r['statuses']}",
                     flush=True,
                 )
+            cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+            ceiling = asyncio.run(_emulator_ceiling(settings, duration=a.duration, concurrency=a.concurrency))
+            ceiling["server_cpu_pct"] = 0.0
+            ceiling["moto_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
+            runs.append(ceiling)
+            print(
+                f"  emulator ceiling (same AWS calls, no receiver) -> {ceiling['sustained_per_s']:7.1f}/s "
+                f"p50 {ceiling['p50_ms']:7.2f}ms p99 {ceiling['p99_ms']:8.2f}ms",
+                flush=True,
+            )
         finally:
             bare.send_signal(signal.SIGINT)
             bare.wait(10)
@@ -294,6 +344,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for s in out:
             if s["offered"].startswith("saturation") and s["target"] == "ours":
                 s["ratio_to_bare"] = s["sustained_per_s"] / sat["bare"]
+                if sat.get("emulator"):
+                    s["ratio_to_emulator"] = s["sustained_per_s"] / sat["emulator"]
     return out
 
 
@@ -317,6 +369,9 @@ def render(summary: list[dict[str, Any]]) -> str:
     ratio = [s["ratio_to_bare"] for s in summary if "ratio_to_bare" in s]
     if ratio:
         text += f"\n\nsaturation: ours / bare = {ratio[0]:.1%}"
+    to_emu = [s["ratio_to_emulator"] for s in summary if "ratio_to_emulator" in s]
+    if to_emu:
+        text += f"; ours / emulator ceiling (the same AWS calls with no receiver) = {to_emu[0]:.1%}"
     return text
 
 

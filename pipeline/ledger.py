@@ -21,12 +21,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from pipeline.dynamo import ConditionFailed, Expr, decode
 from pipeline.errors import LedgerError
+from pipeline.sessions import SessionLedger, SessionRecord
 from pipeline.settings import LedgerSettings
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class LedgerItem:
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> LedgerItem:
         """Build from a raw DynamoDB item (attribute-value map)."""
-        raw = {k: _decode(v) for k, v in item.items()}
+        raw = {k: decode(v) for k, v in item.items()}
         request = raw.get("request")
         return cls(
             job_id=raw["job_id"],
@@ -148,111 +149,14 @@ class CallbackRecord:
     callback_count: int
 
 
-@dataclass(frozen=True)
-class SessionRecord:
-    """A stateful (partner, project) session: who holds it, and the last completed job."""
-
-    partner: str
-    project: str
-    holder_job_id: str | None
-    acquired_at: float | None
-    last_job_id: str | None
-    last_transaction_start: str | None
-    last_completed_at: float | None
-
-
-def _encode(value: Any) -> dict[str, Any]:
-    if isinstance(value, bool):
-        return {"BOOL": value}
-    if isinstance(value, int):
-        return {"N": str(value)}
-    if isinstance(value, float):
-        return {"N": f"{value:.6f}"}
-    if isinstance(value, str):
-        return {"S": value}
-    if value is None:
-        return {"NULL": True}
-    if isinstance(value, set | frozenset):
-        return {"SS": sorted(value)}
-    if isinstance(value, Mapping):
-        return {"M": {str(k): _encode(v) for k, v in value.items()}}
-    if isinstance(value, list | tuple):
-        return {"L": [_encode(v) for v in value]}
-    raise TypeError(f"cannot store {type(value).__name__} in the ledger")
-
-
-def _decode(attr: Mapping[str, Any]) -> Any:
-    (kind, value), *_ = attr.items()
-    if kind == "N":
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    if kind in ("SS", "NS"):
-        return frozenset(value) if kind == "SS" else frozenset(_decode({"N": v}) for v in value)
-    if kind == "M":
-        return {k: _decode(v) for k, v in value.items()}
-    if kind == "L":
-        return [_decode(v) for v in value]
-    if kind == "NULL":
-        return None
-    return value  # S, BOOL, B
-
-
-class _Expr:
-    """Collects ``#name`` / ``:value`` placeholders for one DynamoDB expression set."""
-
-    def __init__(self) -> None:
-        self.names: dict[str, str] = {}
-        self.values: dict[str, Any] = {}
-
-    def n(self, name: str) -> str:
-        self.names[f"#{name}"] = name
-        return f"#{name}"
-
-    def v(self, value: Any) -> str:
-        ph = f":v{len(self.values)}"
-        self.values[ph] = _encode(value)
-        return ph
-
-    def sets(self, fields: Mapping[str, Any]) -> str:
-        return ", ".join(f"{self.n(k)} = {self.v(v)}" for k, v in fields.items())
-
-    def kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ExpressionAttributeNames": self.names}
-        if self.values:
-            kw["ExpressionAttributeValues"] = self.values
-        return kw
-
-
-class _ConditionFailed(Exception):
-    def __init__(self, item: Mapping[str, Any] | None) -> None:
-        super().__init__("condition failed")
-        self.item = item
-
-
-class JobLedger:
+class JobLedger(SessionLedger):
     """The job ledger over an injected aiobotocore DynamoDB client."""
 
     def __init__(
         self, dynamodb_client: Any, settings: LedgerSettings, *, clock: Callable[[], float] = time.time
     ) -> None:
-        self._ddb = dynamodb_client
-        self._table = settings.table_name
+        super().__init__(dynamodb_client, settings.table_name, clock=clock)
         self._retention_s = settings.retention_days * _DAY
-        self._clock = clock
-
-    @property
-    def table_name(self) -> str:
-        return self._table
-
-    async def _call(self, op: str, **kw: Any) -> dict[str, Any]:
-        try:
-            result: dict[str, Any] = await getattr(self._ddb, op)(TableName=self._table, **kw)
-            return result
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                raise _ConditionFailed(exc.response.get("Item")) from exc
-            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
 
     def _expires(self, now: float) -> int:
         return int(now + self._retention_s)
@@ -295,7 +199,7 @@ class JobLedger:
     ) -> bool:
         """Record a job we submitted; True if the item is new. Never overwrites a field or moves the state."""
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         fields: dict[str, Any] = {
             "state": JobState.submitted.value,
             "submitted_at": now,
@@ -325,7 +229,7 @@ class JobLedger:
         try:
             old = await self._count_callback(job_id, now, status, notification_id, set_notified=True)
             state, created = JobState.notified, old is None
-        except _ConditionFailed:
+        except ConditionFailed:
             old = await self._count_callback(job_id, now, status, notification_id, set_notified=False)
             if old is None:  # vanished between the two calls (TTL); the first branch will create it next time
                 raise LedgerError(f"job {job_id} disappeared while recording a callback") from None
@@ -341,7 +245,7 @@ class JobLedger:
     async def _count_callback(
         self, job_id: str, now: float, status: str | None, notification_id: str | None, *, set_notified: bool
     ) -> LedgerItem | None:
-        e = _Expr()
+        e = Expr()
         sets = [e.sets({"updated_at": now, "expires_at": self._expires(now)})]
         if status is not None:
             sets.append(e.sets({"last_callback_status": status}))
@@ -368,7 +272,7 @@ class JobLedger:
                 ReturnValues="ALL_OLD",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             if set_notified:
                 raise
             log.warning("callback for job %s: item vanished", job_id)
@@ -378,7 +282,7 @@ class JobLedger:
 
     # -- leases and transitions, used by the worker ----------------------------------------------------
 
-    def _claimable(self, e: _Expr) -> str:
+    def _claimable(self, e: Expr) -> str:
         states = ", ".join(e.v(s.value) for s in UNFINISHED)
         return (
             f"({e.n('state')} IN ({states}) OR "
@@ -388,7 +292,7 @@ class JobLedger:
     async def claim(self, job_id: str, owner: str, lease_s: float) -> LedgerItem | None:
         """Take the lease on an unfinished job; None if it is unknown, done, or leased to someone else."""
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         free = (
             f"(attribute_not_exists({e.n('lease_owner')}) OR {e.n('lease_until')} < {e.v(now)} "
             f"OR {e.n('lease_owner')} = {e.v(owner)})"
@@ -407,7 +311,7 @@ class JobLedger:
                 ReturnValues="ALL_NEW",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             log.info("job %s not claimed by %s: unknown, done or leased", job_id, owner)
             return None
         item = LedgerItem.from_item(resp["Attributes"])
@@ -417,7 +321,7 @@ class JobLedger:
     async def extend_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
         """Heartbeat: push ``lease_until`` to now + ``lease_s``; False if the lease is no longer ours."""
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {self._claimable(e)}"
         try:
             await self._call(
@@ -427,14 +331,14 @@ class JobLedger:
                 ConditionExpression=cond,
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             log.warning("job %s: lease of %s could not be extended", job_id, owner)
             return False
         return True
 
     async def release(self, job_id: str, owner: str) -> None:
         """Hand the lease back (graceful shutdown); a no-op if it is not ours any more."""
-        e = _Expr()
+        e = Expr()
         try:
             await self._call(
                 "update_item",
@@ -443,14 +347,14 @@ class JobLedger:
                 ConditionExpression=f"{e.n('lease_owner')} = {e.v(owner)}",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             log.info("job %s: release by %s ignored, lease not held", job_id, owner)
 
     async def _transition(
         self, job_id: str, owner: str, to: JobState, sources: tuple[JobState, ...], fields: Mapping[str, Any]
     ) -> LedgerItem:
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         values = {"state": to.value, "updated_at": now, "expires_at": self._expires(now), **fields}
         update = f"SET {e.sets({k: v for k, v in values.items() if v is not None})}"
         if to in (JobState.published, JobState.failed):
@@ -468,7 +372,7 @@ class JobLedger:
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
                 **e.kwargs(),
             )
-        except _ConditionFailed as exc:
+        except ConditionFailed as exc:
             current = LedgerItem.from_item(exc.item) if exc.item else None
             if current is None:
                 why = "unknown job"
@@ -508,7 +412,7 @@ class JobLedger:
         clash = set(fields) & (_KNOWN | {"kind"})
         if clash:
             raise ValueError(f"reserved ledger attributes: {sorted(clash)}")
-        e = _Expr()
+        e = Expr()
         try:
             await self._call(
                 "update_item",
@@ -517,13 +421,13 @@ class JobLedger:
                 ConditionExpression=f"attribute_exists({e.n('state')})",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             raise LedgerError(f"job {job_id} is not in the ledger", retryable=False) from None
 
     async def bind_submission(self, submission_id: str, job_id: str) -> bool:
         """Bind a notifyUrl token's submission to one job id, first come first served; True when the
         submission is (now or already) bound to ``job_id``, False when it names another job."""
-        e = _Expr()
+        e = Expr()
         now = self._clock()
         try:
             await self._call(
@@ -534,7 +438,7 @@ class JobLedger:
                 ConditionExpression=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             log.warning("submission %s is bound to another job; refusing %s", submission_id[:8], job_id)
             return False
         return True
@@ -542,7 +446,7 @@ class JobLedger:
     async def try_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> bool:
         """Elect one reconciler per job per round: True for the replica that may act on it now."""
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         cond = (
             f"attribute_exists({e.n('state')}) AND "
             f"(attribute_not_exists({e.n('reconcile_until')}) OR {e.n('reconcile_until')} < {e.v(now)})"
@@ -555,14 +459,14 @@ class JobLedger:
                 ConditionExpression=cond,
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             return False
         return True
 
     async def reset_for_replay(self, job_id: str) -> LedgerItem:
         """Make a finished job workable again (state ``notified``, outcome cleared); refused while leased."""
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         cond = (
             f"attribute_exists({e.n('state')}) AND "
             f"(attribute_not_exists({e.n('lease_until')}) OR {e.n('lease_until')} < {e.v(now)})"
@@ -581,7 +485,7 @@ class JobLedger:
                 ReturnValues="ALL_NEW",
                 **e.kwargs(),
             )
-        except _ConditionFailed:
+        except ConditionFailed:
             raise LedgerError(f"job {job_id} is unknown or being worked on right now", retryable=False) from None
         return LedgerItem.from_item(resp["Attributes"])
 
@@ -597,7 +501,7 @@ class JobLedger:
         item = resp.get("Item")
         return LedgerItem.from_item(item) if item and "state" in item else None
 
-    async def _scan(self, filter_expr: str, e: _Expr) -> list[LedgerItem]:
+    async def _scan(self, filter_expr: str, e: Expr) -> list[LedgerItem]:
         items: list[LedgerItem] = []
         kw: dict[str, Any] = {"FilterExpression": filter_expr, **e.kwargs()}
         while True:
@@ -609,7 +513,7 @@ class JobLedger:
 
     async def list_recent(self, limit: int = 50) -> list[LedgerItem]:
         """The ``limit`` most recently updated jobs (a full scan: fine for an operator view)."""
-        e = _Expr()
+        e = Expr()
         items = await self._scan(f"attribute_exists({e.n('state')})", e)
         items.sort(key=lambda i: i.updated_at or 0.0, reverse=True)
         return items[:limit]
@@ -620,7 +524,7 @@ class JobLedger:
         Includes ``failed`` jobs whose failure event was never published.
         """
         now = self._clock()
-        e = _Expr()
+        e = Expr()
         expr = (
             f"{self._claimable(e)} AND {e.n('updated_at')} < {e.v(now - older_than_s)} AND "
             f"(attribute_not_exists({e.n('lease_until')}) OR {e.n('lease_until')} < {e.v(now)})"
@@ -628,78 +532,3 @@ class JobLedger:
         items = await self._scan(expr, e)
         items.sort(key=lambda i: i.updated_at or 0.0)
         return items
-
-    # -- stateful sessions -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _session_key(partner: str, project: str) -> dict[str, Any]:
-        return {"job_id": {"S": f"session#{quote(partner, safe='')}#{quote(project, safe='')}"}}
-
-    async def acquire_session(self, partner: str, project: str, job_id: str) -> bool:
-        """Hold the (partner, project) session for ``job_id``; False if another job holds it."""
-        e = _Expr()
-        values = {"kind": "session", "partner": partner, "project": project, "holder_job_id": job_id}
-        update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
-        cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
-        try:
-            await self._call(
-                "update_item",
-                Key=self._session_key(partner, project),
-                UpdateExpression=update,
-                ConditionExpression=cond,
-                **e.kwargs(),
-            )
-        except _ConditionFailed:
-            return False
-        return True
-
-    async def release_session(self, partner: str, project: str, job_id: str) -> bool:
-        """Let go of the session; False if ``job_id`` did not hold it."""
-        e = _Expr()
-        try:
-            await self._call(
-                "update_item",
-                Key=self._session_key(partner, project),
-                UpdateExpression=f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
-                ConditionExpression=f"{e.n('holder_job_id')} = {e.v(job_id)}",
-                **e.kwargs(),
-            )
-        except _ConditionFailed:
-            return False
-        return True
-
-    async def record_session_completion(
-        self, partner: str, project: str, job_id: str, transaction_start: str | None
-    ) -> None:
-        """Remember the session's last completed job and its transaction start (does not release it)."""
-        e = _Expr()
-        values = {
-            "kind": "session",
-            "partner": partner,
-            "project": project,
-            "last_job_id": job_id,
-            "last_transaction_start": transaction_start,
-            "last_completed_at": self._clock(),
-        }
-        await self._call(
-            "update_item",
-            Key=self._session_key(partner, project),
-            UpdateExpression=f"SET {e.sets(values)}",
-            **e.kwargs(),
-        )
-
-    async def get_session(self, partner: str, project: str) -> SessionRecord | None:
-        """The session record, or None if never used."""
-        resp = await self._call("get_item", Key=self._session_key(partner, project), ConsistentRead=True)
-        if not resp.get("Item"):
-            return None
-        raw = {k: _decode(v) for k, v in resp["Item"].items()}
-        return SessionRecord(
-            partner=partner,
-            project=project,
-            holder_job_id=raw.get("holder_job_id"),
-            acquired_at=raw.get("acquired_at"),
-            last_job_id=raw.get("last_job_id"),
-            last_transaction_start=raw.get("last_transaction_start"),
-            last_completed_at=raw.get("last_completed_at"),
-        )

@@ -1,0 +1,107 @@
+"""Small helpers for conditional DynamoDB writes over an injected aiobotocore client: a value codec,
+an expression builder, and :class:`DynamoTable`, which translates botocore errors into our tree."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.errors import LedgerError
+
+
+def encode(value: Any) -> dict[str, Any]:
+    """A Python value as a DynamoDB attribute value."""
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, int):
+        return {"N": str(value)}
+    if isinstance(value, float):
+        return {"N": f"{value:.6f}"}
+    if isinstance(value, str):
+        return {"S": value}
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, set | frozenset):
+        return {"SS": sorted(value)}
+    if isinstance(value, Mapping):
+        return {"M": {str(k): encode(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"L": [encode(v) for v in value]}
+    raise TypeError(f"cannot store {type(value).__name__} in the ledger")
+
+
+def decode(attr: Mapping[str, Any]) -> Any:
+    """A DynamoDB attribute value as a Python value."""
+    (kind, value), *_ = attr.items()
+    if kind == "N":
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    if kind in ("SS", "NS"):
+        return frozenset(value) if kind == "SS" else frozenset(decode({"N": v}) for v in value)
+    if kind == "M":
+        return {k: decode(v) for k, v in value.items()}
+    if kind == "L":
+        return [decode(v) for v in value]
+    if kind == "NULL":
+        return None
+    return value  # S, BOOL, B
+
+
+class Expr:
+    """Collects ``#name`` / ``:value`` placeholders for one DynamoDB expression set."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+
+    def n(self, name: str) -> str:
+        self.names[f"#{name}"] = name
+        return f"#{name}"
+
+    def v(self, value: Any) -> str:
+        ph = f":v{len(self.values)}"
+        self.values[ph] = encode(value)
+        return ph
+
+    def sets(self, fields: Mapping[str, Any]) -> str:
+        return ", ".join(f"{self.n(k)} = {self.v(v)}" for k, v in fields.items())
+
+    def kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"ExpressionAttributeNames": self.names}
+        if self.values:
+            kw["ExpressionAttributeValues"] = self.values
+        return kw
+
+
+class ConditionFailed(Exception):
+    """A ConditionExpression did not hold; ``item`` is the current item when DynamoDB returned it."""
+
+    def __init__(self, item: Mapping[str, Any] | None) -> None:
+        super().__init__("condition failed")
+        self.item = item
+
+
+class DynamoTable:
+    """One table, reached through an injected client; every call's botocore error becomes a LedgerError."""
+
+    def __init__(self, dynamodb_client: Any, table_name: str, *, clock: Callable[[], float] = time.time) -> None:
+        self._ddb = dynamodb_client
+        self._table = table_name
+        self._clock = clock
+
+    @property
+    def table_name(self) -> str:
+        return self._table
+
+    async def _call(self, op: str, **kw: Any) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = await getattr(self._ddb, op)(TableName=self._table, **kw)
+            return result
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise ConditionFailed(exc.response.get("Item")) from exc
+            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc

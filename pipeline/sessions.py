@@ -1,0 +1,100 @@
+"""Stateful AQuA sessions in the ledger table: one item per (partner, project) (``session#{partner}#{project}``)
+that says which job holds the session and which job completed it last."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from pipeline.dynamo import ConditionFailed, DynamoTable, Expr, decode
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A stateful (partner, project) session: who holds it, and the last completed job."""
+
+    partner: str
+    project: str
+    holder_job_id: str | None
+    acquired_at: float | None
+    last_job_id: str | None
+    last_transaction_start: str | None
+    last_completed_at: float | None
+
+
+class SessionLedger(DynamoTable):
+    """The session half of the ledger (:class:`pipeline.ledger.JobLedger` inherits it)."""
+
+    @staticmethod
+    def _session_key(partner: str, project: str) -> dict[str, Any]:
+        return {"job_id": {"S": f"session#{quote(partner, safe='')}#{quote(project, safe='')}"}}
+
+    async def acquire_session(self, partner: str, project: str, job_id: str) -> bool:
+        """Hold the (partner, project) session for ``job_id``; False if another job holds it."""
+        e = Expr()
+        values = {"kind": "session", "partner": partner, "project": project, "holder_job_id": job_id}
+        update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
+        cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
+        try:
+            await self._call(
+                "update_item",
+                Key=self._session_key(partner, project),
+                UpdateExpression=update,
+                ConditionExpression=cond,
+                **e.kwargs(),
+            )
+        except ConditionFailed:
+            return False
+        return True
+
+    async def release_session(self, partner: str, project: str, job_id: str) -> bool:
+        """Let go of the session; False if ``job_id`` did not hold it."""
+        e = Expr()
+        try:
+            await self._call(
+                "update_item",
+                Key=self._session_key(partner, project),
+                UpdateExpression=f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
+                ConditionExpression=f"{e.n('holder_job_id')} = {e.v(job_id)}",
+                **e.kwargs(),
+            )
+        except ConditionFailed:
+            return False
+        return True
+
+    async def record_session_completion(
+        self, partner: str, project: str, job_id: str, transaction_start: str | None
+    ) -> None:
+        """Remember the session's last completed job and its transaction start (does not release it)."""
+        e = Expr()
+        values = {
+            "kind": "session",
+            "partner": partner,
+            "project": project,
+            "last_job_id": job_id,
+            "last_transaction_start": transaction_start,
+            "last_completed_at": self._clock(),
+        }
+        await self._call(
+            "update_item",
+            Key=self._session_key(partner, project),
+            UpdateExpression=f"SET {e.sets(values)}",
+            **e.kwargs(),
+        )
+
+    async def get_session(self, partner: str, project: str) -> SessionRecord | None:
+        """The session record, or None if never used."""
+        resp = await self._call("get_item", Key=self._session_key(partner, project), ConsistentRead=True)
+        if not resp.get("Item"):
+            return None
+        raw = {k: decode(v) for k, v in resp["Item"].items()}
+        return SessionRecord(
+            partner=partner,
+            project=project,
+            holder_job_id=raw.get("holder_job_id"),
+            acquired_at=raw.get("acquired_at"),
+            last_job_id=raw.get("last_job_id"),
+            last_transaction_start=raw.get("last_transaction_start"),
+            last_completed_at=raw.get("last_completed_at"),
+        )
