@@ -153,7 +153,7 @@ async def test_sqs_outage_callbacks_answered_503_then_reconciled(moto_server: Mo
         answered = [c["status"] for c in stack.sim.callback_log if c.get("job_id") in job_ids]
         assert answered and set(answered) == {503}, answered
         await wait_all_final(stack, job_ids, timeout_s=45, fleet=fleet)
-        assert proxy.faulted[("sqs", "SendMessage")] >= 3
+        assert proxy.faulted[("sqs", "SendMessageBatch")] >= 3
         result = await audit(stack, job_ids)
         assert result.lost == 0, result.row()
         print(f"sqs outage: injected={sum(proxy.faulted.values())} {result.row()}")

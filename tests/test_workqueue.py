@@ -1,0 +1,70 @@
+"""The work queue against a real moto server: batched sends, receive, visibility, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pipeline.aws import AwsClients
+from pipeline.models import WorkMessage
+from pipeline.workqueue import QueueError, WorkQueue
+
+
+@pytest.fixture
+async def queue_url(aws: AwsClients, unique: str) -> str:
+    resp = await aws.sqs.create_queue(QueueName=f"wq-{unique}")
+    return str(resp["QueueUrl"])
+
+
+async def test_concurrent_sends_are_batched_and_all_stored(aws: AwsClients, queue_url: str) -> None:
+    calls: list[int] = []
+    original = aws.sqs.send_message_batch
+
+    async def counting(**kw: Any) -> Any:
+        calls.append(len(kw["Entries"]))
+        return await original(**kw)
+
+    queue = WorkQueue(aws.sqs, queue_url, max_send_calls=2)
+    queue.sqs = type("Sqs", (), {"send_message_batch": staticmethod(counting)})()
+    ids = await asyncio.gather(*(queue.send(WorkMessage(job_id=f"{i:032x}")) for i in range(45)))
+    assert len(set(ids)) == 45
+    assert sum(calls) == 45
+    assert len(calls) < 45 and max(calls) <= 10
+    real = WorkQueue(aws.sqs, queue_url)
+    seen: set[str] = set()
+    for _ in range(20):
+        for work in await real.receive(10, wait_time_s=0, visibility_s=30):
+            assert work.message is not None
+            seen.add(work.message.job_id)
+            await real.delete(work.receipt_handle)
+        if len(seen) == 45:
+            break
+    assert seen == {f"{i:032x}" for i in range(45)}
+
+
+async def test_a_single_send_goes_at_once(aws: AwsClients, queue_url: str) -> None:
+    queue = WorkQueue(aws.sqs, queue_url)
+    assert await queue.send(WorkMessage(job_id="a" * 32))
+    assert await queue.depth() == 1
+
+
+async def test_send_to_a_missing_queue_fails_every_caller(aws: AwsClients, queue_url: str) -> None:
+    queue = WorkQueue(aws.sqs, queue_url + "-missing")
+    results = await asyncio.gather(
+        *(queue.send(WorkMessage(job_id=f"{i:032x}")) for i in range(12)), return_exceptions=True
+    )
+    assert all(isinstance(r, QueueError) for r in results)
+
+
+async def test_delayed_send_and_poison_message(aws: AwsClients, queue_url: str) -> None:
+    queue = WorkQueue(aws.sqs, queue_url)
+    await queue.send(WorkMessage(job_id="b" * 32), delay_s=1)
+    await aws.sqs.send_message(QueueUrl=queue_url, MessageBody="{not a work message")
+    got: list[Any] = []
+    for _ in range(10):
+        got += await queue.receive(10, wait_time_s=1, visibility_s=30)
+        if len(got) == 2:
+            break
+    assert sorted(w.message is None for w in got) == [False, True]
