@@ -218,6 +218,24 @@ def _load(url: str, key: str | None, *, rate: float | None, duration: float, con
     return result
 
 
+async def _purge(settings: Any) -> None:
+    """Empty the work queue (the worker is off, so it only grows) and let moto settle."""
+    from pipeline.aws import open_clients
+
+    async with AsyncExitStack() as stack:
+        clients = await open_clients(stack, settings.aws)
+        deadline = time.monotonic() + 70
+        while True:  # SQS allows one purge per queue every 60 s
+            try:
+                await clients.sqs.purge_queue(QueueUrl=settings.queue.work_queue_url)
+                break
+            except clients.sqs.exceptions.PurgeQueueInProgress:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(5)
+    await asyncio.sleep(2)
+
+
 async def _emulator_ceiling(settings: Any, *, duration: float, concurrency: int) -> dict[str, Any]:
     """The emulator's own ceiling: the AWS calls one accepted callback makes (bind the token's submission,
     record the callback, enqueue the work message), issued directly with no HTTP receiver in front."""
@@ -284,6 +302,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             plan += [(None, "bare"), (None, "ours")]
             for rate, name in plan:
                 url, k, pid = targets[name]
+                asyncio.run(_purge(settings))  # moto slows down as the unconsumed queue grows: start each run clean
                 cpu0, moto0, t0 = cpu_seconds(pid), cpu_seconds(server.proc.pid), time.monotonic()
                 r = _load(url, k, rate=rate, duration=a.duration, concurrency=a.concurrency)
                 wall = time.monotonic() - t0
@@ -297,6 +316,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     f"moto cpu {r['moto_cpu_pct']:5.1f}%  {r['statuses']}",
                     flush=True,
                 )
+            asyncio.run(_purge(settings))
             cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
             ceiling = asyncio.run(_emulator_ceiling(settings, duration=a.duration, concurrency=a.concurrency))
             ceiling["server_cpu_pct"] = 0.0

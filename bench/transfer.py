@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     variants = [*BASELINES, "ours"] + (["ours_gzip"] if args.transport_gzip else [])
+    if args.variants:
+        variants = [v for v in variants if v in args.variants.split(",")]
     runs: list[dict[str, Any]] = []
     with moto() as server, simulator_process(free_port(), "--step-delay", "0.01") as sim:
         s3 = boto3.client("s3", endpoint_url=server.url, **CREDS)
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI smoke: 8MiB, 1 repetition")
     p.add_argument("--transport-gzip", action="store_true", help="add ours with gzip transport encoding")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--variants", help="only these, comma-separated (download_upload,whole_body,ours,ours_gzip)")
     p.add_argument("--child", choices=[*BASELINES, "ours", "ours_gzip"], help=argparse.SUPPRESS)
     for name in ("--sim", "--moto", "--bucket", "--key", "--file-id"):
         p.add_argument(name, help=argparse.SUPPRESS)
