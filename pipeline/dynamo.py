@@ -105,3 +105,21 @@ class DynamoTable:
             raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+
+    async def _update(
+        self,
+        key: Mapping[str, Any],
+        e: Expr,
+        update: str,
+        *,
+        condition: str | None = None,
+        returns: str = "NONE",
+        returns_on_failure: bool = False,
+    ) -> dict[str, Any]:
+        """One UpdateItem with ``e``'s placeholders; raises :class:`ConditionFailed` when ``condition`` fails."""
+        kw: dict[str, Any] = {"Key": dict(key), "UpdateExpression": update, "ReturnValues": returns, **e.kwargs()}
+        if condition is not None:
+            kw["ConditionExpression"] = condition
+        if returns_on_failure:
+            kw["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        return await self._call("update_item", **kw)

@@ -214,9 +214,7 @@ class JobLedger(SessionLedger):
             fields["request"] = orjson.dumps(request).decode()
         keep = ", ".join(f"{e.n(k)} = if_not_exists({e.n(k)}, {e.v(v)})" for k, v in fields.items() if v is not None)
         update = f"SET {keep}, {e.sets({'updated_at': now, 'expires_at': self._expires(now)})}"
-        resp = await self._call(
-            "update_item", Key={"job_id": {"S": job_id}}, UpdateExpression=update, ReturnValues="ALL_OLD", **e.kwargs()
-        )
+        resp = await self._update({"job_id": {"S": job_id}}, e, update, returns="ALL_OLD")
         return not resp.get("Attributes")
 
     async def record_callback(self, job_id: str, *, status: str | None, notification_id: str | None) -> CallbackRecord:
@@ -264,13 +262,12 @@ class JobLedger(SessionLedger):
             sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
             cond = f"attribute_exists({e.n('job_id')})"
         try:
-            resp = await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"SET {', '.join(sets)} ADD {', '.join(adds)}",
-                ConditionExpression=cond,
-                ReturnValues="ALL_OLD",
-                **e.kwargs(),
+            resp = await self._update(
+                {"job_id": {"S": job_id}},
+                e,
+                f"SET {', '.join(sets)} ADD {', '.join(adds)}",
+                condition=cond,
+                returns="ALL_OLD",
             )
         except ConditionFailed:
             if set_notified:
@@ -303,14 +300,7 @@ class JobLedger(SessionLedger):
             f"ADD {e.n('attempts')} {e.v(1)}"
         )
         try:
-            resp = await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=update,
-                ConditionExpression=cond,
-                ReturnValues="ALL_NEW",
-                **e.kwargs(),
-            )
+            resp = await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_NEW")
         except ConditionFailed:
             log.info("job %s not claimed by %s: unknown, done or leased", job_id, owner)
             return None
@@ -324,12 +314,8 @@ class JobLedger(SessionLedger):
         e = Expr()
         cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {self._claimable(e)}"
         try:
-            await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"SET {e.sets({'lease_until': now + lease_s})}",
-                ConditionExpression=cond,
-                **e.kwargs(),
+            await self._update(
+                {"job_id": {"S": job_id}}, e, f"SET {e.sets({'lease_until': now + lease_s})}", condition=cond
             )
         except ConditionFailed:
             log.warning("job %s: lease of %s could not be extended", job_id, owner)
@@ -340,12 +326,11 @@ class JobLedger(SessionLedger):
         """Hand the lease back (graceful shutdown); a no-op if it is not ours any more."""
         e = Expr()
         try:
-            await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"REMOVE {e.n('lease_owner')}, {e.n('lease_until')}",
-                ConditionExpression=f"{e.n('lease_owner')} = {e.v(owner)}",
-                **e.kwargs(),
+            await self._update(
+                {"job_id": {"S": job_id}},
+                e,
+                f"REMOVE {e.n('lease_owner')}, {e.n('lease_until')}",
+                condition=f"{e.n('lease_owner')} = {e.v(owner)}",
             )
         except ConditionFailed:
             log.info("job %s: release by %s ignored, lease not held", job_id, owner)
@@ -363,14 +348,8 @@ class JobLedger(SessionLedger):
         if to is JobState.failed:
             cond += f" AND attribute_not_exists({e.n('event_id')})"
         try:
-            resp = await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=update,
-                ConditionExpression=cond,
-                ReturnValues="ALL_NEW",
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                **e.kwargs(),
+            resp = await self._update(
+                {"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_NEW", returns_on_failure=True
             )
         except ConditionFailed as exc:
             current = LedgerItem.from_item(exc.item) if exc.item else None
@@ -414,12 +393,8 @@ class JobLedger(SessionLedger):
             raise ValueError(f"reserved ledger attributes: {sorted(clash)}")
         e = Expr()
         try:
-            await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"SET {e.sets(fields)}",
-                ConditionExpression=f"attribute_exists({e.n('state')})",
-                **e.kwargs(),
+            await self._update(
+                {"job_id": {"S": job_id}}, e, f"SET {e.sets(fields)}", condition=f"attribute_exists({e.n('state')})"
             )
         except ConditionFailed:
             raise LedgerError(f"job {job_id} is not in the ledger", retryable=False) from None
@@ -430,13 +405,11 @@ class JobLedger(SessionLedger):
         e = Expr()
         now = self._clock()
         try:
-            await self._call(
-                "update_item",
-                Key={"job_id": {"S": f"sub#{submission_id}"}},
-                UpdateExpression="SET "
-                + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
-                ConditionExpression=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
-                **e.kwargs(),
+            await self._update(
+                {"job_id": {"S": f"sub#{submission_id}"}},
+                e,
+                "SET " + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
+                condition=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
             )
         except ConditionFailed:
             log.warning("submission %s is bound to another job; refusing %s", submission_id[:8], job_id)
@@ -452,12 +425,11 @@ class JobLedger(SessionLedger):
             f"(attribute_not_exists({e.n('reconcile_until')}) OR {e.n('reconcile_until')} < {e.v(now)})"
         )
         try:
-            await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}",
-                ConditionExpression=cond,
-                **e.kwargs(),
+            await self._update(
+                {"job_id": {"S": job_id}},
+                e,
+                f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}",
+                condition=cond,
             )
         except ConditionFailed:
             return False
@@ -477,14 +449,7 @@ class JobLedger(SessionLedger):
             f"{e.n('reconcile_until')}"
         )
         try:
-            resp = await self._call(
-                "update_item",
-                Key={"job_id": {"S": job_id}},
-                UpdateExpression=update,
-                ConditionExpression=cond,
-                ReturnValues="ALL_NEW",
-                **e.kwargs(),
-            )
+            resp = await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_NEW")
         except ConditionFailed:
             raise LedgerError(f"job {job_id} is unknown or being worked on right now", retryable=False) from None
         return LedgerItem.from_item(resp["Attributes"])

@@ -37,13 +37,7 @@ class SessionLedger(DynamoTable):
         update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
         cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
         try:
-            await self._call(
-                "update_item",
-                Key=self._session_key(partner, project),
-                UpdateExpression=update,
-                ConditionExpression=cond,
-                **e.kwargs(),
-            )
+            await self._update(self._session_key(partner, project), e, update, condition=cond)
         except ConditionFailed:
             return False
         return True
@@ -52,12 +46,11 @@ class SessionLedger(DynamoTable):
         """Let go of the session; False if ``job_id`` did not hold it."""
         e = Expr()
         try:
-            await self._call(
-                "update_item",
-                Key=self._session_key(partner, project),
-                UpdateExpression=f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
-                ConditionExpression=f"{e.n('holder_job_id')} = {e.v(job_id)}",
-                **e.kwargs(),
+            await self._update(
+                self._session_key(partner, project),
+                e,
+                f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
+                condition=f"{e.n('holder_job_id')} = {e.v(job_id)}",
             )
         except ConditionFailed:
             return False
@@ -76,12 +69,7 @@ class SessionLedger(DynamoTable):
             "last_transaction_start": transaction_start,
             "last_completed_at": self._clock(),
         }
-        await self._call(
-            "update_item",
-            Key=self._session_key(partner, project),
-            UpdateExpression=f"SET {e.sets(values)}",
-            **e.kwargs(),
-        )
+        await self._update(self._session_key(partner, project), e, f"SET {e.sets(values)}")
 
     async def get_session(self, partner: str, project: str) -> SessionRecord | None:
         """The session record, or None if never used."""
