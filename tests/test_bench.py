@@ -57,7 +57,8 @@ def test_transfer_quick(tmp_path: Path) -> None:
 def test_callbacks_quick(tmp_path: Path) -> None:
     result = run_bench("bench.callbacks", tmp_path)
     runs = result["runs"]
-    assert {r["target"] for r in runs} == {"bare", "ours"}
+    assert {r["target"] for r in runs} == {"bare", "ours", "emulator"}
+    assert [r["sustained_per_s"] > 0 for r in runs if r["target"] == "emulator"] == [True]
     ours = [r for r in runs if r["target"] == "ours"]
     assert all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)  # authenticated, enqueued
 
