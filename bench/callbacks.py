@@ -1,12 +1,16 @@
 """Callback load benchmark: the receiver (``python -m pipeline serve``, worker off) against a bare aiohttp
 handler that only answers 200, on loopback, both driven by the same open-loop load generator.
 
-Every callback carries a fresh job id and a real notifyUrl token minted with the service's signing key, so
-the receiver does the full work: verify token -> ``bind_submission`` -> ``record_callback`` (DynamoDB on
-moto) -> durable ``SendMessage`` (SQS on moto) -> 202. The generator runs in its own process, sends at a
-constant arrival rate (open loop: latency is measured from each request's *scheduled* time, so a slow
-server cannot slow the generator down and hide its queueing), and a closed-loop saturation run gives the
-sustained ceiling. CPU of the receiver and of moto is sampled from ``/proc`` to say what bounds each figure.
+As in production, the callbacks are for jobs we submitted: before any run, a pool of jobs (``--pool``) is
+recorded in the ledger as the submitter records them (``bind_submission`` + ``record_submission``), and their
+notifyUrls, with real tokens minted with the service's signing key, are written to a file that the generator
+cycles through (a job called back again is an AQuA retry: the same AWS calls). So the receiver does the full
+work of an accepted callback: verify token -> the ledger's fast path (one conditional UpdateItem, DynamoDB on
+moto) -> durable ``SendMessage`` (SQS on moto) -> 202. The bare handler ignores what the URLs say. The
+generator runs in its own process, sends at a constant arrival rate (open loop: latency is measured from each
+request's *scheduled* time, so a slow server cannot slow the generator down and hide its queueing), and a
+closed-loop saturation run gives the sustained ceiling. CPU of the receiver and of moto is sampled from
+``/proc`` to say what bounds each figure.
 
     python -m bench.callbacks --rates 100,500,1000 --duration 15
     python -m bench.callbacks --quick
@@ -24,7 +28,9 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
+from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +68,10 @@ def run_bare(port: int) -> int:
 # -- the load generator (its own process) ------------------------------------------------------------------
 
 
-def _urls(base: str, n: int, signing_key: str | None) -> list[str]:
-    from pydantic import SecretStr
-
-    from pipeline.tokens import TokenSigner, build_notify_url
-
-    signer = TokenSigner([SecretStr(signing_key or "bare")], 7 * 24 * 3600)
-    out = []
-    for _ in range(n):
-        notify = build_notify_url(base, CALLBACK_PATH, signer.issue().token)
-        out.append(notify.replace("${JOBID}", uuid.uuid4().hex).replace("${STATUS}", "Completed"))
-    return out
+def _read_urls(base: str, path: str) -> list[str]:
+    """The pool's callback URLs (written relative to the receiver by :func:`write_urls`) on ``base``."""
+    base = base.rstrip("/")
+    return [base + line for line in Path(path).read_text().splitlines() if line]
 
 
 async def _open_loop(urls: list[str], rate: float, max_inflight: int) -> dict[str, Any]:
@@ -115,13 +114,13 @@ async def _open_loop(urls: list[str], rate: float, max_inflight: int) -> dict[st
     return _stats("open", rate, latencies, statuses, dropped, elapsed, len(urls))
 
 
-async def _closed_loop(urls: list[str], concurrency: int, duration: float) -> dict[str, Any]:
+async def _closed_loop(urls: Iterator[str], concurrency: int, duration: float) -> dict[str, Any]:
     import aiohttp
 
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
-    it = iter(urls)
+    it = urls
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         start = loop.time()
         deadline = start + duration
@@ -170,13 +169,13 @@ def _stats(
 
 
 def run_loadgen(a: argparse.Namespace) -> int:
-    """Entry point of the generator process: prints one JSON line."""
+    """Entry point of the generator process: prints one JSON line. Cycles through the pool's URLs."""
+    pool = _read_urls(a.url, a.urls_file)
     if a.rate:
-        urls = _urls(a.url, int(a.rate * a.duration), a.signing_key)
+        urls = list(islice(cycle(pool), int(a.rate * a.duration)))
         result = asyncio.run(_open_loop(urls, a.rate, a.max_inflight))
     else:
-        urls = _urls(a.url, int(a.concurrency * a.duration * 400) + 1000, a.signing_key)
-        result = asyncio.run(_closed_loop(urls, a.concurrency, a.duration))
+        result = asyncio.run(_closed_loop(cycle(pool), a.concurrency, a.duration))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
 
@@ -206,11 +205,67 @@ async def _provision(moto_url: str, log_dir: Path) -> Any:
     return settings_with_resources(settings, resources)
 
 
-def _load(url: str, key: str | None, *, rate: float | None, duration: float, concurrency: int) -> dict[str, Any]:
+SEED_BATCH = 25  # BatchWriteItem's limit
+SEED_CONCURRENCY = 4
+
+
+async def _seed(settings: Any, n: int) -> list[tuple[str, str]]:
+    """Record ``n`` submitted jobs in the ledger as the submitter records them; returns them as
+    ``(job_id, submission_id)`` pairs.
+
+    The first goes through the submitter's own calls (``bind_submission``, then ``record_submission``); the
+    rest are copies of the two items those calls wrote, with their own ids, written with BatchWriteItem (two
+    UpdateItems per job would take most of a minute for the default pool on moto)."""
+    from pipeline.aws import open_clients
+    from pipeline.ledger import JobLedger
+    from pipeline.tokens import new_submission_id
+
+    pool = [(uuid.uuid4().hex, new_submission_id()) for _ in range(n)]
+    if not pool:
+        return pool
+    async with AsyncExitStack() as stack:
+        clients = await open_clients(stack, settings.aws)
+        ddb, table = clients.dynamodb, settings.ledger.table_name
+        ledger = JobLedger(ddb, settings.ledger)
+        job0, sub0 = pool[0]
+        await ledger.bind_submission(sub0, job0)
+        await ledger.record_submission(job0, submission_id=sub0, job_name="bench", partner=None, project=None)
+        job_item = (await ddb.get_item(TableName=table, Key={"job_id": {"S": job0}}, ConsistentRead=True))["Item"]
+        sub_item = (await ddb.get_item(TableName=table, Key={"job_id": {"S": f"sub#{sub0}"}}))["Item"]
+        puts: list[dict[str, Any]] = []
+        for job_id, submission_id in pool[1:]:
+            puts.append({**job_item, "job_id": {"S": job_id}, "submission_id": {"S": submission_id}})
+            puts.append({**sub_item, "job_id": {"S": f"sub#{submission_id}"}, "bound_job": {"S": job_id}})
+        batches = iter([puts[i : i + SEED_BATCH] for i in range(0, len(puts), SEED_BATCH)])
+
+        async def worker() -> None:
+            for batch in batches:
+                requests: list[dict[str, Any]] = [{"PutRequest": {"Item": item}} for item in batch]
+                while requests:
+                    resp = await ddb.batch_write_item(RequestItems={table: requests})
+                    requests = resp.get("UnprocessedItems", {}).get(table, [])
+
+        await asyncio.gather(*(worker() for _ in range(SEED_CONCURRENCY)))
+    return pool
+
+
+def write_urls(settings: Any, pool: list[tuple[str, str]], path: Path) -> None:
+    """Write the pool's callback URLs to ``path``, one a line: each job's notifyUrl (a real token for its
+    submission, signed with the service's key) with status Completed, relative to the receiver's base URL."""
+    from pipeline.tokens import TokenSigner, build_notify_url
+
+    signer = TokenSigner(settings.security.signing_keys, settings.security.token_ttl_s)
+    base = "http://receiver"
+    lines = []
+    for job_id, submission_id in pool:
+        notify = build_notify_url(base, CALLBACK_PATH, signer.issue(submission_id).token)
+        lines.append(notify.removeprefix(base).replace("${JOBID}", job_id).replace("${STATUS}", "Completed"))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _load(url: str, urls_file: Path, *, rate: float | None, duration: float, concurrency: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.callbacks", "--loadgen", "--url", url, "--duration", str(duration)]
-    cmd += ["--rate", str(rate or 0), "--concurrency", str(concurrency)]
-    if key:
-        cmd += ["--signing-key", key]
+    cmd += ["--rate", str(rate or 0), "--concurrency", str(concurrency), "--urls-file", str(urls_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 10 + 120)
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed:\n{proc.stderr[-3000:]}")
@@ -236,9 +291,11 @@ async def _purge(settings: Any) -> None:
     await asyncio.sleep(2)
 
 
-async def _emulator_ceiling(settings: Any, *, duration: float, concurrency: int) -> dict[str, Any]:
-    """The emulator's own ceiling: the AWS calls one accepted callback makes (bind the token's submission,
-    record the callback, enqueue the work message), issued directly with no HTTP receiver in front."""
+async def _emulator_ceiling(
+    settings: Any, pool: list[tuple[str, str]], *, duration: float, concurrency: int
+) -> dict[str, Any]:
+    """The emulator's own ceiling: the AWS calls one accepted callback makes (the ledger's fast-path
+    UpdateItem on a seeded job, then enqueue the work message), issued directly with no HTTP receiver in front."""
     from pipeline.aws import open_clients
     from pipeline.ledger import JobLedger
     from pipeline.models import WorkMessage
@@ -249,14 +306,18 @@ async def _emulator_ceiling(settings: Any, *, duration: float, concurrency: int)
         clients = await open_clients(stack, settings.aws)
         ledger = JobLedger(clients.dynamodb, settings.ledger)
         queue = WorkQueue(clients.sqs, settings.queue.work_queue_url)
+        jobs = cycle(pool)
         deadline = time.monotonic() + duration
 
         async def worker() -> None:
             while time.monotonic() < deadline:
-                job_id = uuid.uuid4().hex
+                job_id, submission_id = next(jobs)
                 t = time.perf_counter()
-                await ledger.bind_submission(uuid.uuid4().hex, job_id)
-                await ledger.record_callback(job_id, status="completed", notification_id=None)
+                record = await ledger.record_token_callback(
+                    job_id, submission_id=submission_id, status="completed", notification_id=None
+                )
+                if record is None:
+                    raise RuntimeError(f"seeded job {job_id} is not on the callback fast path")
                 await queue.send(WorkMessage(job_id=job_id))
                 latencies.append(time.perf_counter() - t)
 
@@ -285,15 +346,19 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     with moto() as server, tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
         assert server.proc is not None
         settings = asyncio.run(_provision(server.url, Path(tmp)))
+        urls_file = Path(tmp) / "callback-urls.txt"
+        t0 = time.monotonic()
+        pool = asyncio.run(_seed(settings, a.pool))
+        write_urls(settings, pool, urls_file)
+        print(f"  seeded {len(pool)} submitted jobs in {time.monotonic() - t0:.1f}s", flush=True)
         service = ServiceProcess(settings, Path(tmp) / "service.log").start()
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
         try:
             wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
-            key = settings.security.signing_keys[0].get_secret_value()
             targets = {
-                "bare": (f"http://127.0.0.1:{bare_port}", None, bare.pid),
-                "ours": (service.url, key, service.proc.pid if service.proc else 0),
+                "bare": (f"http://127.0.0.1:{bare_port}", bare.pid),
+                "ours": (service.url, service.proc.pid if service.proc else 0),
             }
             plan: list[tuple[float | None, str]] = []
             for offered in rates:
@@ -301,11 +366,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     plan += [(offered, "bare"), (offered, "ours")]
             plan += [(None, "bare"), (None, "ours")]
             for rate, name in plan:
-                url, k, pid = targets[name]
+                url, pid = targets[name]
                 if name == "ours" and not a.quick:
                     asyncio.run(_purge(settings))  # moto slows as the unconsumed queue grows: start each run clean
                 cpu0, moto0, t0 = cpu_seconds(pid), cpu_seconds(server.proc.pid), time.monotonic()
-                r = _load(url, k, rate=rate, duration=a.duration, concurrency=a.concurrency)
+                r = _load(url, urls_file, rate=rate, duration=a.duration, concurrency=a.concurrency)
                 wall = time.monotonic() - t0
                 r["target"] = name
                 r["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / wall
@@ -320,7 +385,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             if not a.quick:
                 asyncio.run(_purge(settings))
             cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
-            ceiling = asyncio.run(_emulator_ceiling(settings, duration=a.duration, concurrency=a.concurrency))
+            ceiling = asyncio.run(_emulator_ceiling(settings, pool, duration=a.duration, concurrency=a.concurrency))
             ceiling["server_cpu_pct"] = 0.0
             ceiling["moto_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
             runs.append(ceiling)
@@ -404,14 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="seconds per run")
     p.add_argument("--repeat", type=int, default=1, help="runs per rate and target")
     p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop saturation run")
-    p.add_argument("--quick", action="store_true", help="CI smoke: 10/s for 1 s")
+    p.add_argument("--pool", type=int, default=2000, help="submitted jobs seeded in the ledger and called back")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 10/s for 1 s, a pool of 50 jobs")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--signing-key", help=argparse.SUPPRESS)
+    p.add_argument("--urls-file", help=argparse.SUPPRESS)
     p.add_argument("--max-inflight", type=int, default=512, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.bare:
@@ -419,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.loadgen:
         return run_loadgen(a)
     if a.quick:
-        a.rates, a.duration, a.repeat, a.concurrency = "10", 1.0, 1, 4
+        a.rates, a.duration, a.repeat, a.concurrency, a.pool = "10", 1.0, 1, 4, 50
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(a)
     print(render(result["summary"]))

@@ -133,12 +133,19 @@ def moto() -> Iterator[MotoServer]:
 @contextmanager
 def simulator_process(port: int, *args: str) -> Iterator[str]:
     """``python -m pipeline simulator`` as its own process; yields its base URL."""
+    with simulator_proc(port, *args) as (url, _):
+        yield url
+
+
+@contextmanager
+def simulator_proc(port: int, *args: str) -> Iterator[tuple[str, int]]:
+    """Like :func:`simulator_process`, yielding (base URL, pid) for per-process accounting."""
     cmd = [sys.executable, "-m", "pipeline", "simulator", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/_sim/faults", proc)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -146,6 +153,15 @@ def simulator_process(port: int, *args: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_s_of(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (0 when unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def rss_mib_of(pid: int) -> float:

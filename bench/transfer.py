@@ -37,13 +37,14 @@ import orjson
 
 from bench.common import (
     command_line,
+    cpu_s_of,
     fmt_size,
     machine,
     median,
     moto,
     parse_size,
     rss_mib_of,
-    simulator_process,
+    simulator_proc,
     table,
     write_results,
 )
@@ -201,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.variants:
         variants = [v for v in variants if v in args.variants.split(",")]
     runs: list[dict[str, Any]] = []
-    with moto() as server, simulator_process(free_port(), "--step-delay", "0.01") as sim:
+    with moto() as server, simulator_proc(free_port(), "--step-delay", "0.01") as (sim, sim_pid):
+        moto_pid = server.proc.pid if server.proc else 0
         s3 = boto3.client("s3", endpoint_url=server.url, **CREDS)
         bucket = "bench-transfer"
         s3.create_bucket(Bucket=bucket)
@@ -212,17 +214,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"# {fmt_size(size)}: {per_row[size]} rows, {actual} bytes", flush=True)
             for rep in range(args.repeat):
                 for variant in variants:
+                    helpers = cpu_s_of(sim_pid), cpu_s_of(moto_pid)
                     r = _child(variant, sim, server.url, bucket, file_id, per_row[size])
+                    r["sim_cpu_s"] = cpu_s_of(sim_pid) - helpers[0]
+                    r["moto_cpu_s"] = cpu_s_of(moto_pid) - helpers[1]
                     head = s3.head_object(Bucket=bucket, Key=r["key"])
                     if head["ContentLength"] != actual:
                         raise RuntimeError(f"{variant} stored {head['ContentLength']} bytes, expected {actual}")
                     s3.delete_object(Bucket=bucket, Key=r["key"])
                     r.update(variant=variant, size=size, actual_bytes=actual, rep=rep)
-                    r["moto_rss_mib"] = rss_mib_of(server.proc.pid) if server.proc else 0.0
+                    r["moto_rss_mib"] = rss_mib_of(moto_pid)
                     runs.append(r)
                     print(
                         f"  rep {rep} {variant:16s} {r['wall_s']:7.2f}s  cpu {r['cpu_s']:6.2f}s  "
-                        f"rss {r['max_rss_mib']:7.1f}MiB  moto {r['moto_rss_mib']:7.0f}MiB",
+                        f"rss {r['max_rss_mib']:7.1f}MiB  sim cpu {r['sim_cpu_s']:6.2f}s  "
+                        f"moto cpu {r['moto_cpu_s']:6.2f}s",
                         flush=True,
                     )
     return {
@@ -258,6 +264,8 @@ def summarize(runs: list[dict[str, Any]], sizes: list[int], variants: list[str])
                     "ratio_to_ours": wall / mine if mine else float("nan"),
                     "mib_per_s": rs[0]["actual_bytes"] / MIB / wall if wall else float("nan"),
                     "cpu_s_per_gib_median": median([r["cpu_s"] / gib for r in rs]),
+                    "sim_cpu_s_per_gib_median": median([r.get("sim_cpu_s", 0.0) / gib for r in rs]),
+                    "s3_cpu_s_per_gib_median": median([r.get("moto_cpu_s", 0.0) / gib for r in rs]),
                     "peak_rss_mib_median": median([r["max_rss_mib"] for r in rs]),
                     "peak_rss_mib_max": max(r["max_rss_mib"] for r in rs),
                 }
@@ -268,6 +276,7 @@ def summarize(runs: list[dict[str, Any]], sizes: list[int], variants: list[str])
 def render(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
     headers = ["size", "variant", "runs", "wall s (median)", "min-max", "x ours", "MiB/s", "CPU s/GiB", "peak RSS MiB"]
+    headers += ["AQuA sim CPU s/GiB", "S3 (moto) CPU s/GiB"]
     rows = [
         [
             s["size"],
@@ -279,6 +288,8 @@ def render(summary: list[dict[str, Any]]) -> str:
             s["mib_per_s"],
             s["cpu_s_per_gib_median"],
             s["peak_rss_mib_median"],
+            s["sim_cpu_s_per_gib_median"],
+            s["s3_cpu_s_per_gib_median"],
         ]
         for s in summary
     ]

@@ -22,6 +22,7 @@ def client_config(aws: AwsSettings) -> AioConfig:
         max_pool_connections=aws.max_pool_connections,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        s3={"payload_signing_enabled": aws.s3_payload_signing},
     )
 
 

@@ -23,7 +23,7 @@ from pipeline.aqua.client import check_track_id
 from pipeline.aqua.models import is_aqua_id
 from pipeline.callback_auth import AuthResult, CallbackAuthenticator
 from pipeline.errors import CallbackRejected, PipelineError
-from pipeline.ledger import JobLedger, JobState
+from pipeline.ledger import CallbackRecord, JobLedger, JobState
 from pipeline.logs import bound
 from pipeline.metrics import Metrics
 from pipeline.models import WorkMessage, dumps
@@ -153,23 +153,37 @@ class CallbackHandler:
                 return True
         return False
 
+    async def _record(self, params: CallbackParams, auth: AuthResult) -> CallbackRecord:
+        """Check the callback belongs to a job of ours and count it in the ledger.
+
+        With a token, first the fast path: one UpdateItem when our submitter recorded this job under the token's
+        submission. Otherwise (the callback outran the submitter's ledger write, the token is another job's, the
+        job is further along) the token's submission is bound first come, first served, refusing a token bound
+        to another job, and the callback counted. Without a token, only a job this service submitted.
+        """
+        if auth.claim is not None:
+            fast = await self.ledger.record_token_callback(
+                params.job_id,
+                submission_id=auth.claim.submission_id,
+                status=params.status,
+                notification_id=params.notification_id,
+            )
+            if fast is not None:
+                return fast
+            if not await self.ledger.bind_submission(auth.claim.submission_id, params.job_id):
+                raise CallbackRejected("callback token belongs to another job", status=403, code="token_job_mismatch")
+        elif not await self._known_job(params.job_id):
+            raise CallbackRejected("no job with this id was submitted by this service", status=404, code="unknown_job")
+        return await self.ledger.record_callback(
+            params.job_id, status=params.status, notification_id=params.notification_id
+        )
+
     async def _handle(self, request: web.Request) -> web.Response:
         fields = await read_fields(request)
         auth: AuthResult = self.authenticator.authenticate(query=fields, headers=request.headers, remote=request.remote)
         params = parse_params(fields, request.headers)
         with bound(job_id=params.job_id, track_id=params.track_id):
-            if auth.claim is not None:
-                if not await self.ledger.bind_submission(auth.claim.submission_id, params.job_id):
-                    raise CallbackRejected(
-                        "callback token belongs to another job", status=403, code="token_job_mismatch"
-                    )
-            elif not await self._known_job(params.job_id):
-                raise CallbackRejected(
-                    "no job with this id was submitted by this service", status=404, code="unknown_job"
-                )
-            record = await self.ledger.record_callback(
-                params.job_id, status=params.status, notification_id=params.notification_id
-            )
+            record = await self._record(params, auth)
             if record.duplicate:
                 self.metrics.callbacks.labels("duplicate").inc()
                 return json_response(200, {"accepted": True, "duplicate": True, "job_id": params.job_id})

@@ -104,6 +104,7 @@ class CsvVerifier:
         self._pending: list[bytes] = []  # chunks held back (batching), after the carried incomplete line
         self._pending_len = 0
         self._carry = b""  # an incomplete line held back for the fast path (starts at a row start)
+        self._scratch = np.empty(0, np.bool_)  # reused mask buffer (see _mask)
 
     @property
     def records(self) -> int:
@@ -170,6 +171,17 @@ class CsvVerifier:
             self._exact(data[pos:] if pos else data)
         return len(data)
 
+    def _mask(self, a: npt.NDArray[np.uint8], byte: int) -> npt.NDArray[np.bool_]:
+        """``a == byte`` into a buffer reused from call to call (valid until the next call).
+
+        A fresh megabyte-sized array per comparison costs more in page faults than the comparison itself.
+        """
+        if self._scratch.size < a.size:
+            self._scratch = np.empty(max(a.size, 2 * self._scratch.size), np.bool_)
+        out = self._scratch[: a.size]
+        np.equal(a, byte, out=out)
+        return out
+
     def _fast_lines(self, data: bytes, pos: int) -> tuple[int, bool]:
         """From a row start at ``data[pos]``, count and check every complete line with numpy.
 
@@ -178,9 +190,9 @@ class CsvVerifier:
         or a bare ``\\r`` record end). Without an anomaly, ``data[end:]`` is an incomplete line.
         """
         a = np.frombuffer(data, np.uint8)[pos:]
-        nl = np.flatnonzero(a == _NL)
-        q = np.flatnonzero(a == _QUOTE)
-        cr = np.flatnonzero(a == _CR) if data.find(b"\r", pos) >= 0 else nl[:0]
+        nl = np.flatnonzero(self._mask(a, _NL))
+        q = np.flatnonzero(self._mask(a, _QUOTE))
+        cr = np.flatnonzero(self._mask(a, _CR)) if data.find(b"\r", pos) >= 0 else nl[:0]
         bound = len(a)  # the first byte the quote parity below cannot vouch for
         if q.size:
             # A quote that opens a quoted stretch (even index) must follow a field end or the previous quote.
@@ -205,7 +217,7 @@ class CsvVerifier:
             return pos, anomaly
         end = int(nl[-1]) + 1
         body = a[:end]
-        is_delim = body == self._delim_byte
+        is_delim = self._mask(body, self._delim_byte)
         starts = np.empty_like(nl)
         starts[0] = 0
         starts[1:] = nl[:-1] + 1

@@ -149,6 +149,19 @@ class CallbackRecord:
     callback_count: int
 
 
+def _callback_record(
+    old: LedgerItem | None, state: JobState, created: bool, notification_id: str | None
+) -> CallbackRecord:
+    """What a counted callback found, from the item as it was before (None: the callback created it)."""
+    seen = old.notification_ids if old else frozenset()
+    return CallbackRecord(
+        duplicate=notification_id is not None and notification_id in seen,
+        state=state,
+        created=created,
+        callback_count=(old.callback_count if old else 0) + 1,
+    )
+
+
 class JobLedger(SessionLedger):
     """The job ledger over an injected aiobotocore DynamoDB client."""
 
@@ -232,17 +245,41 @@ class JobLedger(SessionLedger):
             if old is None:  # vanished between the two calls (TTL); the first branch will create it next time
                 raise LedgerError(f"job {job_id} disappeared while recording a callback") from None
             state, created = old.state, False
-        seen = old.notification_ids if old else frozenset()
-        return CallbackRecord(
-            duplicate=notification_id is not None and notification_id in seen,
-            state=state,
-            created=created,
-            callback_count=(old.callback_count if old else 0) + 1,
-        )
+        return _callback_record(old, state, created, notification_id)
+
+    async def record_token_callback(
+        self, job_id: str, *, submission_id: str, status: str | None, notification_id: str | None
+    ) -> CallbackRecord | None:
+        """The fast path for a callback whose verified token names ``submission_id``: one conditional UpdateItem
+        that counts it as :meth:`record_callback` does, provided our submitter recorded the job under that very
+        submission (the item's ``submission_id`` matches) and it is still ``submitted`` or ``notified``.
+
+        None when that does not hold (job not recorded yet, recorded under another submission, or further
+        along): nothing was written, and the caller takes the general path (:meth:`bind_submission`, then
+        :meth:`record_callback`).
+        """
+        now = self._clock()
+        try:
+            old = await self._count_callback(
+                job_id, now, status, notification_id, set_notified=True, submission_id=submission_id
+            )
+        except ConditionFailed:
+            return None
+        return _callback_record(old, JobState.notified, old is None, notification_id)
 
     async def _count_callback(
-        self, job_id: str, now: float, status: str | None, notification_id: str | None, *, set_notified: bool
+        self,
+        job_id: str,
+        now: float,
+        status: str | None,
+        notification_id: str | None,
+        *,
+        set_notified: bool,
+        submission_id: str | None = None,
     ) -> LedgerItem | None:
+        """One UpdateItem counting a callback (ALL_OLD). ``set_notified``: also move the state to ``notified``,
+        only while it is submitted/notified (or the item is new; with ``submission_id``, only on an existing item
+        recorded under that submission), raising :class:`ConditionFailed` otherwise."""
         e = Expr()
         sets = [e.sets({"updated_at": now, "expires_at": self._expires(now)})]
         if status is not None:
@@ -254,10 +291,11 @@ class JobLedger(SessionLedger):
             sets.append(e.sets({"state": JobState.notified.value}))
             sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
             sets.append(f"{e.n('attempts')} = if_not_exists({e.n('attempts')}, {e.v(0)})")
-            cond = (
-                f"attribute_not_exists({e.n('job_id')}) OR "
-                f"{e.n('state')} IN ({e.v(JobState.submitted.value)}, {e.v(JobState.notified.value)})"
-            )
+            workable = f"{e.n('state')} IN ({e.v(JobState.submitted.value)}, {e.v(JobState.notified.value)})"
+            if submission_id is not None:
+                cond = f"{e.n('submission_id')} = {e.v(submission_id)} AND {workable}"
+            else:
+                cond = f"attribute_not_exists({e.n('job_id')}) OR {workable}"
         else:
             sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
             cond = f"attribute_exists({e.n('job_id')})"

@@ -130,6 +130,7 @@ class ManifestStore:
                 Key=key,
                 Body=dumpb(manifest),
                 ContentType="application/json",
+                ChecksumAlgorithm="CRC32",
                 IfNoneMatch="*",
                 **self._sse,
             )

@@ -55,6 +55,10 @@ class AwsSettings(_Group):
     read_timeout_s: float = 60.0
     max_attempts: int = Field(default=5, ge=1)
     max_pool_connections: int = Field(default=32, ge=1)
+    s3_payload_signing: bool = False
+    """SigV4-hash every S3 request body. Off: each part and object already carries a CRC32/SHA-256 checksum
+    in a signed header (what botocore does by itself over https); over plain http (emulators) the hash would
+    cost ~0.7 CPU-seconds per GiB."""
 
 
 class S3Settings(_Group):

@@ -106,6 +106,51 @@ async def test_callback_for_unknown_job_creates_it(ledger: JobLedger) -> None:
     assert item is not None and item.state is JobState.notified and item.job_name == "n"
 
 
+async def test_token_callback_fast_path_counts_the_submitters_own_job(ledger: JobLedger, clock: Clock) -> None:
+    await submitted(ledger)
+    clock.now += 5
+    first = await ledger.record_token_callback(JOB, submission_id="sub-1", status="completed", notification_id="n-1")
+    assert first is not None
+    assert (first.duplicate, first.state, first.created, first.callback_count) == (False, JobState.notified, False, 1)
+    again = await ledger.record_token_callback(JOB, submission_id="sub-1", status="completed", notification_id="n-1")
+    assert again is not None and (again.duplicate, again.state, again.callback_count) == (True, JobState.notified, 2)
+    item = await ledger.get(JOB)
+    assert item is not None
+    assert (item.state, item.notified_at, item.callback_count, item.notification_ids) == (
+        JobState.notified,
+        T0 + 5,
+        2,
+        {"n-1"},
+    )
+    assert (item.last_callback_status, item.attempts, item.submission_id) == ("completed", 0, "sub-1")
+
+
+async def test_token_callback_fast_path_declines_without_writing(ledger: JobLedger, clock: Clock) -> None:
+    # not recorded yet (the callback outran the submitter): no item is created
+    assert await ledger.record_token_callback(JOB, submission_id="sub-1", status=None, notification_id="n") is None
+    assert await ledger.get(JOB) is None
+    await submitted(ledger)
+    clock.now += 5
+    # recorded under another submission
+    assert await ledger.record_token_callback(JOB, submission_id="sub-2", status=None, notification_id="n") is None
+    # created by a callback (no submission id on the item)
+    await ledger.record_callback("other", status=None, notification_id=None)
+    assert await ledger.record_token_callback("other", submission_id="sub-1", status=None, notification_id=None) is None
+    # further along than notified
+    assert await ledger.claim(JOB, "w1", 30)
+    await ledger.mark_transferring(JOB, "w1")
+    clock.now += 5
+    assert await ledger.record_token_callback(JOB, submission_id="sub-1", status=None, notification_id="n") is None
+    item = await ledger.get(JOB)
+    assert item is not None
+    assert (item.state, item.callback_count, item.notification_ids, item.updated_at) == (
+        JobState.transferring,
+        0,
+        frozenset(),
+        T0 + 5,
+    )
+
+
 async def test_callback_after_work_started_leaves_state_alone(ledger: JobLedger) -> None:
     await submitted(ledger)
     assert await ledger.claim(JOB, "w1", 30)

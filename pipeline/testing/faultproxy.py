@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -170,11 +170,17 @@ async def _identify(request: web.Request, body: bytes) -> tuple[str, str]:
     return service, request.method
 
 
-def create_faultproxy_app(upstream: str) -> web.Application:
-    """An aiohttp app that forwards everything to ``upstream`` (moto) unless a rule faults it."""
+def create_faultproxy_app(upstream: str, *, serialize: Collection[str] = ()) -> web.Application:
+    """An aiohttp app that forwards everything to ``upstream`` (moto) unless a rule faults it.
+
+    ``serialize`` names services (e.g. ``"dynamodb"``) whose requests are forwarded one at a time. moto serves
+    each request on its own thread and does not make a conditional write atomic with respect to a concurrent
+    one; serializing gives back the guarantee real DynamoDB makes, for tests that race conditional writes.
+    """
     app = web.Application(client_max_size=64 * 1024 * 1024)
     proxy = FaultProxy(upstream.rstrip("/"))
     app[FAULTPROXY_KEY] = proxy
+    locks = {name: asyncio.Lock() for name in serialize}
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=120, connect=5)
@@ -217,6 +223,13 @@ def create_faultproxy_app(upstream: str) -> web.Application:
                 raise asyncio.CancelledError  # the connection is gone; nothing to answer
             payload, ctype, extra = _error_body(service, rule.status, rule.code)
             return web.Response(status=rule.status, body=payload, content_type=ctype.split(";")[0], headers=extra)
+        lock = locks.get(service)
+        if lock is None:
+            return await _relay(request, body)
+        async with lock:
+            return await _relay(request, body)
+
+    async def _relay(request: web.Request, body: bytes) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         session = app[_SESSION_KEY]
         async with session.request(
