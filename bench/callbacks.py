@@ -120,13 +120,12 @@ async def _closed_loop(urls: Iterator[str], concurrency: int, duration: float) -
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
-    it = urls
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         start = loop.time()
         deadline = start + duration
 
         async def worker() -> None:
-            for url in it:
+            for url in urls:
                 if loop.time() >= deadline:
                     return
                 sent = loop.time()

@@ -8,6 +8,8 @@ Variants, each run in a fresh child process so its CPU time and peak RSS are its
   managed ``upload_file`` (default ``TransferConfig``).
 * ``whole_body`` (baseline B): read the whole file into memory, then one boto3 ``put_object``.
 * ``ours_gzip`` (with ``--transport-gzip``): ours, with the simulator gzipping the transport.
+* ``ours_noverify`` and ``ours_signed`` (only when named in ``--variants``): ours with record-count and CSV-shape
+  verification off, and ours with S3 payload signing on; they say what each costs.
 
 The simulator and moto run as their own processes; the variants are interleaved per repetition (A, B, ours,
 A, B, ours, ...) so background noise is shared fairly, and the table reports medians.
@@ -107,6 +109,9 @@ def _whole_body(a: argparse.Namespace) -> int:
     return 0
 
 
+OURS = ("ours", "ours_gzip", "ours_noverify", "ours_signed")
+
+
 async def _ours(a: argparse.Namespace, *, gzip: bool) -> int:
     import aiohttp
     from aiobotocore.session import get_session
@@ -117,7 +122,14 @@ async def _ours(a: argparse.Namespace, *, gzip: bool) -> int:
     from pipeline.settings import AquaSettings, AwsSettings, S3Settings
     from pipeline.transfer import S3Transfer, TransferSpec
 
-    aws = AwsSettings(endpoint_url=a.moto, access_key_id="testing", secret_access_key="testing")
+    aws = AwsSettings(
+        endpoint_url=a.moto,
+        access_key_id="testing",
+        secret_access_key="testing",
+        s3_payload_signing=a.child == "ours_signed",
+    )
+    verify = a.child != "ours_noverify"
+    s3_settings = S3Settings(bucket=a.bucket, verify_record_count=verify, verify_csv_shape=verify)
     aqua = AquaSettings(base_url=a.sim, client_id=CLIENT_ID, client_secret=SecretStr(CLIENT_SECRET))
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
@@ -128,7 +140,7 @@ async def _ours(a: argparse.Namespace, *, gzip: bool) -> int:
         spec = TransferSpec(bucket=a.bucket, key=a.key, kind="csv", expected_records=a.records, metadata={})
         start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         async with client.open_file(a.file_id, accept_gzip=gzip) as source:
-            stored = await S3Transfer(s3, S3Settings(bucket=a.bucket)).store(source, spec)
+            stored = await S3Transfer(s3, s3_settings).store(source, spec)
         _report(start, stored.size, parts=stored.parts, records=stored.record_count)
     return 0
 
@@ -200,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     variants = [*BASELINES, "ours"] + (["ours_gzip"] if args.transport_gzip else [])
     if args.variants:
-        variants = [v for v in variants if v in args.variants.split(",")]
+        variants = [v for v in [*BASELINES, *OURS] if v in args.variants.split(",")]
     runs: list[dict[str, Any]] = []
     with moto() as server, simulator_proc(free_port(), "--step-delay", "0.01") as (sim, sim_pid):
         moto_pid = server.proc.pid if server.proc else 0
@@ -304,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI smoke: 8MiB, 1 repetition")
     p.add_argument("--transport-gzip", action="store_true", help="add ours with gzip transport encoding")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
-    p.add_argument("--variants", help="only these, comma-separated (download_upload,whole_body,ours,ours_gzip)")
-    p.add_argument("--child", choices=[*BASELINES, "ours", "ours_gzip"], help=argparse.SUPPRESS)
+    p.add_argument("--variants", help=f"only these, comma-separated ({','.join([*BASELINES, *OURS])})")
+    p.add_argument("--child", choices=[*BASELINES, *OURS], help=argparse.SUPPRESS)
     for name in ("--sim", "--moto", "--bucket", "--key", "--file-id"):
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--records", type=int, help=argparse.SUPPRESS)

@@ -69,3 +69,10 @@ def test_e2e_quick(tmp_path: Path) -> None:
     rows = result["summary"]
     assert [r["samples"] for r in rows] == [2, 3]
     assert all(r["p50_ms"] > 0 for r in rows)
+
+
+def test_verifier_quick(tmp_path: Path) -> None:
+    result = run_bench("bench.verifier", tmp_path)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"csv_module", "ours"}
+    assert rows["ours"]["x_ours"] == 1 and rows["csv_module"]["cpu_s_per_gib"] > 0
