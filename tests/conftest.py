@@ -13,7 +13,9 @@ import pytest
 
 from pipeline.aws import AwsClients, open_clients
 from pipeline.settings import AwsSettings
-from pipeline.testing.moto import MotoServer, start_moto
+from pipeline.testing.faultproxy import create_faultproxy_app
+from pipeline.testing.moto import MotoServer, free_port, start_moto
+from pipeline.testing.stack import serve_app
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +65,16 @@ async def aws(aws_settings: AwsSettings) -> AsyncIterator[AwsClients]:
     """aiobotocore clients against the moto server, exactly as production builds them."""
     async with AsyncExitStack() as stack:
         yield await open_clients(stack, aws_settings)
+
+
+@pytest.fixture
+async def atomic_aws(aws_settings: AwsSettings) -> AsyncIterator[AwsClients]:
+    """Like ``aws``, with DynamoDB calls forwarded one at a time through the fault proxy: moto can let two
+    racing conditional writes both win, real DynamoDB never does. For tests that race them on purpose."""
+    async with AsyncExitStack() as stack:
+        proxy = create_faultproxy_app(aws_settings.endpoint_url or "", serialize={"dynamodb"})
+        url = await serve_app(stack, proxy, free_port())
+        yield await open_clients(stack, aws_settings.model_copy(update={"endpoint_url": url}))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import asyncio
 import hashlib
 import uuid
-from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -11,9 +10,6 @@ from aiobotocore.session import get_session
 
 from pipeline.aws import AwsClients, client_kwargs
 from pipeline.settings import AwsSettings
-from pipeline.testing.faultproxy import create_faultproxy_app
-from pipeline.testing.moto import free_port
-from pipeline.testing.stack import serve_app
 
 
 async def test_clients_reach_moto(aws: AwsClients, bucket: str) -> None:
@@ -42,38 +38,30 @@ async def test_s3_payload_signing_follows_the_setting(aws_settings: AwsSettings,
     assert seen == [hashlib.sha256(body).hexdigest().encode() if signing else b"UNSIGNED-PAYLOAD"]
 
 
-async def test_serialized_proxy_makes_racing_conditional_writes_exclusive(aws_settings: AwsSettings) -> None:
-    """Through the fault proxy with DynamoDB serialized, exactly one of many racing take-if-free updates wins
-    (moto alone, serving each request on a thread, may let several through)."""
-    async with AsyncExitStack() as exits:
-        url = await serve_app(
-            exits, create_faultproxy_app(aws_settings.endpoint_url or "", serialize={"dynamodb"}), free_port()
-        )
-        ddb = await exits.enter_async_context(
-            get_session().create_client(
-                "dynamodb", **client_kwargs(aws_settings.model_copy(update={"endpoint_url": url}))
+async def test_serialized_proxy_makes_racing_conditional_writes_exclusive(atomic_aws: AwsClients) -> None:
+    """Through the fault proxy with DynamoDB serialized (the ``atomic_aws`` fixture), exactly one of two racing
+    take-if-free updates wins (moto alone, serving each request on a thread, sometimes lets both through)."""
+    ddb = atomic_aws.dynamodb
+    table = f"race-{uuid.uuid4().hex[:8]}"
+    await ddb.create_table(
+        TableName=table,
+        KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+
+    async def take(key: str, n: int) -> bool:
+        try:
+            await ddb.update_item(
+                TableName=table,
+                Key={"k": {"S": key}},
+                UpdateExpression="SET holder = :n",
+                ConditionExpression="attribute_not_exists(holder) OR holder = :n",
+                ExpressionAttributeValues={":n": {"N": str(n)}},
             )
-        )
-        table = f"race-{uuid.uuid4().hex[:8]}"
-        await ddb.create_table(
-            TableName=table,
-            KeySchema=[{"AttributeName": "k", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "k", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        except ddb.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
 
-        async def take(key: str, n: int) -> bool:
-            try:
-                await ddb.update_item(
-                    TableName=table,
-                    Key={"k": {"S": key}},
-                    UpdateExpression="SET holder = :n",
-                    ConditionExpression="attribute_not_exists(holder) OR holder = :n",
-                    ExpressionAttributeValues={":n": {"N": str(n)}},
-                )
-            except ddb.exceptions.ConditionalCheckFailedException:
-                return False
-            return True
-
-        for round_ in range(200):  # two contenders for a fresh item, as two workers racing for a session
-            assert sum(await asyncio.gather(take(f"s{round_}", 1), take(f"s{round_}", 2))) == 1
+    for round_ in range(200):  # two contenders for a fresh item, as two workers racing for a session
+        assert sum(await asyncio.gather(take(f"s{round_}", 1), take(f"s{round_}", 2))) == 1

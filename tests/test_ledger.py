@@ -32,11 +32,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def ledger(aws: AwsClients, unique: str, clock: Clock) -> Any:
-    led = JobLedger(aws.dynamodb, LedgerSettings(table_name=f"jobs-{unique}", retention_days=7), clock=clock)
+async def ledger(atomic_aws: AwsClients, unique: str, clock: Clock) -> Any:
+    # Serialized DynamoDB: several tests here race conditional writes (claims), which moto may let both win.
+    ddb = atomic_aws.dynamodb
+    led = JobLedger(ddb, LedgerSettings(table_name=f"jobs-{unique}", retention_days=7), clock=clock)
     await led.ensure_table()
     yield led
-    await aws.dynamodb.delete_table(TableName=led.table_name)
+    await ddb.delete_table(TableName=led.table_name)
 
 
 async def submitted(ledger: JobLedger, job_id: str = JOB) -> None:

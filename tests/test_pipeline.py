@@ -209,7 +209,8 @@ async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_
 
 
 async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:
-    async with running_stack(moto_server.url) as stack:
+    # Workers race to claim the job: serialize DynamoDB so moto's claims are as exclusive as DynamoDB's.
+    async with running_stack(moto_server.url, atomic_dynamodb=True) as stack:
         stack.sim.faults.lose_callbacks = True
         submitted = await stack.submit(request())
         job_id = submitted.job.id or ""

@@ -4,7 +4,6 @@ marked in the manifest and the event; the session's last completed job is record
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -12,9 +11,8 @@ import aiohttp
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
 from pipeline.ledger import JobState
-from pipeline.testing.faultproxy import create_faultproxy_app
-from pipeline.testing.moto import MotoServer, free_port
-from pipeline.testing.stack import running_stack, serve_app
+from pipeline.testing.moto import MotoServer
+from pipeline.testing.stack import running_stack
 
 
 def stateful(project: str, *, queries: bool = True) -> SubmitRequest:
@@ -42,10 +40,8 @@ def stateful(project: str, *, queries: bool = True) -> SubmitRequest:
 
 async def test_two_jobs_of_one_session_never_land_at_once(moto_server: MotoServer) -> None:
     cfg = SimulatorConfig(rows={"Account": 4000}, step_delay_s=0.02)
-    async with AsyncExitStack() as exits:
-        # moto does not make racing conditional writes atomic (real DynamoDB does): serialize DynamoDB calls.
-        aws_url = await serve_app(exits, create_faultproxy_app(moto_server.url, serialize={"dynamodb"}), free_port())
-        stack = await exits.enter_async_context(running_stack(aws_url, sim_config=cfg))
+    # moto does not make racing conditional writes atomic (real DynamoDB does): serialize DynamoDB calls.
+    async with running_stack(moto_server.url, sim_config=cfg, atomic_dynamodb=True) as stack:
         stack.sim.faults.lose_callbacks = True
         c = stack.components
         active: set[str] = set()

@@ -32,6 +32,7 @@ from pipeline.settings import (
     Settings,
 )
 from pipeline.submission import Submitted, Submitter
+from pipeline.testing.faultproxy import create_faultproxy_app
 from pipeline.testing.moto import free_port
 
 
@@ -143,11 +144,19 @@ async def running_stack(
     start_service: bool = True,
     run_worker: bool = True,
     run_reconciler: bool = False,
+    atomic_dynamodb: bool = False,
 ) -> AsyncIterator[Stack]:
-    """Start simulator + resources (+ service) and tear everything down afterwards."""
+    """Start simulator + resources (+ service) and tear everything down afterwards.
+
+    ``atomic_dynamodb``: reach AWS through the fault proxy with DynamoDB calls serialized, for tests that race
+    conditional writes (moto can let two of them both win; real DynamoDB never does).
+    """
     suffix = uuid.uuid4().hex[:10]
     sim_cfg = sim_config or SimulatorConfig(step_delay_s=0.02)
     async with AsyncExitStack() as stack:
+        if atomic_dynamodb:
+            proxy = create_faultproxy_app(moto_url, serialize={"dynamodb"})
+            moto_url = await serve_app(stack, proxy, free_port())
         sim_app = create_simulator_app(sim_cfg)
         sim_url = await serve_app(stack, sim_app, free_port())
         port = free_port()
