@@ -9,6 +9,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHON=python3
 WORKDIR /src
+# A C compiler for the CSV verifier's extension (pipeline/_csvscan.c); only this stage has it. DL3008 (pin apt
+# versions) is ignored: the compiler comes with the base image's Debian release and never reaches the runtime image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY infra/docker-install.sh ./infra/docker-install.sh

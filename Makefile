@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test test-fast test-slow lint lint-infra format typecheck bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml pipeline/_csvscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]'

@@ -1,9 +1,10 @@
 """CSV verifier benchmark: ``CsvVerifier`` against Python's ``csv`` module on the same AQuA file, in one process.
 
-The simulator produces an Account export (quoted fields, some with embedded newlines); both sides read it from
-memory in the same chunks. The baseline counts records and checks every row's field count with ``csv.reader``
-(what a hand-written check would do); ours is the transfer's verifier with its 1 MiB batches. CPU seconds per GiB,
-best of ``--repeat``, and the ratio.
+The simulator produces an Account export (quoted fields, some with embedded newlines); every variant reads it
+from memory in the same chunks. The baseline counts records and checks every row's field count with
+``csv.reader`` (what a hand-written check would do); ``ours`` is the transfer's verifier with its default engine
+(the C extension), ``ours_python`` the same verifier on its pure-Python engine (the fallback when the extension
+is not built). CPU seconds per GiB, best of ``--repeat``, and the ratio to ours.
 
     python -m bench.verifier --size 64MiB --repeat 5
     python -m bench.verifier --quick
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 from bench.common import command_line, fmt_size, machine, parse_size, simulator_proc, table, write_results
 from bench.transfer import _open, _token, make_file, rows_for
-from pipeline.csvcheck import CsvVerifier
+from pipeline.csvcheck import CsvVerifier, Engine
 from pipeline.testing.moto import free_port
 
 GIB = 1024**3
@@ -36,14 +37,23 @@ def fetch(size: int) -> tuple[bytes, int]:
             return resp.read(), rows
 
 
-def ours(chunks: list[bytes]) -> int:
-    """Records counted (and shape checked) by the transfer's verifier."""
-    v = CsvVerifier(delimiter=b",", check_shape=True, batch_bytes=1024 * 1024)
+def _verify(chunks: list[bytes], engine: Engine) -> int:
+    v = CsvVerifier(delimiter=b",", check_shape=True, engine=engine)
     for chunk in chunks:
         v.feed(chunk)
     report = v.finish()
     report.raise_for_errors()
     return report.records
+
+
+def ours(chunks: list[bytes]) -> int:
+    """Records counted (and shape checked) by the transfer's verifier, C engine."""
+    return _verify(chunks, "c")
+
+
+def ours_python(chunks: list[bytes]) -> int:
+    """The same on the pure-Python engine."""
+    return _verify(chunks, "python")
 
 
 def csv_module(chunks: list[bytes]) -> int:
@@ -85,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     step = parse_size(a.chunk)
     chunks = [data[i : i + step] for i in range(0, len(data), step)]
     gib = len(data) / GIB
-    cpu = {
-        name: best_cpu(fn, chunks, a.repeat, records) / gib for name, fn in (("csv_module", csv_module), ("ours", ours))
-    }
+    variants = (("csv_module", csv_module), ("ours_python", ours_python), ("ours", ours))
+    cpu = {name: best_cpu(fn, chunks, a.repeat, records) / gib for name, fn in variants}
     rows = [{"variant": name, "cpu_s_per_gib": c, "x_ours": c / cpu["ours"]} for name, c in cpu.items()]
     print(f"# {fmt_size(len(data))}, {records} records, {fmt_size(step)} chunks, best of {a.repeat}")
     print(table(["variant", "CPU s/GiB", "x ours"], [[r["variant"], r["cpu_s_per_gib"], r["x_ours"]] for r in rows]))

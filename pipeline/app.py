@@ -21,6 +21,7 @@ from pipeline.aqua.client import AquaClient
 from pipeline.aws import AwsClients, open_clients
 from pipeline.callback_auth import CallbackAuthenticator
 from pipeline.callbacks import CallbackHandler, error_response, json_response
+from pipeline.csvcheck import DEFAULT_ENGINE
 from pipeline.errors import PipelineError
 from pipeline.events import EventPublisher, build_publisher
 from pipeline.ledger import JobLedger
@@ -113,6 +114,11 @@ def create_app(
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
         c = app[COMPONENTS_KEY]
+        if DEFAULT_ENGINE != "c" and (settings.s3.verify_record_count or settings.s3.verify_csv_shape):
+            log.warning(
+                "CSV verification runs on its pure-Python engine (pipeline._csvscan is not built or"
+                " AQUA_PIPELINE_NO_EXTENSIONS is set): about 6x the CPU per GiB of the C engine"
+            )
         worker = Worker(
             queue=c.queue,
             process=c.processor.process,

@@ -7,27 +7,34 @@ Blank lines are not records (``csv.DictReader`` skips them too). Rows are number
 header as row 1. Quote-free stretches are handled with ``bytes.split``/``bytes.count`` (C speed, no
 per-byte Python); only quoted fields are walked, with ``bytes.find`` from quote to quote.
 
-Fast path (numpy, whole lines at a time): at a row start, the positions of quotes, newlines and delimiters in
-a chunk are found in C; a newline or delimiter is structural when an even number of quotes precede it. That
-parity is right as long as every quote that opens a quoted stretch sits at a field start (or right after the
-previous quote: an escaped ``""``) and no bare ``\\r`` ends a record; both are checked for the whole chunk at
-once. Fields per line come from the structural delimiters between structural newlines. The incomplete last
-line is carried to the next chunk; anything unusual is handed to the exact walk, which gives the same results.
+Two interchangeable engines run that state machine. The default is the C extension ``pipeline._csvscan`` (built
+with the package: one pass, 16 bytes at a time between quotes and record ends, ``memchr`` inside quoted fields,
+the GIL released for big chunks). The pure-Python walk below is the fallback when the extension is not built (a
+source tree used without installing it, or ``AQUA_PIPELINE_NO_EXTENSIONS=1``), and the reference the tests hold
+the C engine to; both give the same reports, errors included.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from itertools import repeat
-
-import numpy as np
-import numpy.typing as npt
+from typing import Literal
 
 from pipeline.errors import IntegrityError
 
 logger = logging.getLogger(__name__)
+
+try:
+    from pipeline import _csvscan
+except ImportError:  # the extension is not built (a source tree used without installing it)
+    _csvscan = None  # type: ignore[assignment]
+
+Engine = Literal["c", "python"]
+#: The engine a verifier uses unless told otherwise.
+DEFAULT_ENGINE: Engine = "c" if _csvscan is not None and not os.environ.get("AQUA_PIPELINE_NO_EXTENSIONS") else "python"
 
 _QUOTE = 0x22
 _NL = 0x0A
@@ -36,8 +43,6 @@ _CR = 0x0D
 _PLAIN = 0  # outside any quoted field
 _QUOTED = 1  # inside a quoted field
 _QUOTE_SEEN = 2  # inside a quoted field, the last byte was a quote: an escape ("") or the closing quote
-_CARRY_MAX = 1024 * 1024  # an incomplete line longer than this goes to the exact walk instead of being carried
-_RESYNC_LINES = 16  # newlines the exact walk may cross to get back to a row start before it takes the whole chunk
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,7 @@ class CsvVerifier:
     ``check_shape`` enables the shape checks (field counts, NUL bytes, unterminated quote); record counting
     always runs and is compared with ``expected_records`` when that is given. Errors are recorded, not
     raised, in ``errors`` (at most ``max_errors``); callers that want to fail fast check it after each feed.
-    ``batch_bytes`` > 0 holds chunks back until that many bytes are pending and checks them in one go (the fast
-    path's cost per call is then spread over more bytes); rows and errors then show up that much later.
+    ``engine`` picks the C state machine or the pure-Python one (default :data:`DEFAULT_ENGINE`).
     """
 
     def __init__(
@@ -77,10 +81,14 @@ class CsvVerifier:
         expected_records: int | None = None,
         check_shape: bool = True,
         max_errors: int = 20,
-        batch_bytes: int = 0,
+        engine: Engine | None = None,
     ) -> None:
         if delimiter not in (b",", b"\t"):
             raise ValueError("delimiter must be ',' or '\\t'")
+        self.engine: Engine = engine or DEFAULT_ENGINE
+        if self.engine == "c" and _csvscan is None:
+            raise ValueError("the C engine is not built (pipeline._csvscan is missing)")
+        self._scanner = _csvscan.Scanner(delimiter[0]) if self.engine == "c" and _csvscan is not None else None
         self._delim = delimiter
         self._delim_byte = delimiter[0]
         # A quoted field at a field start, closed by a quote that is neither escaped nor the chunk's last byte.
@@ -93,6 +101,7 @@ class CsvVerifier:
         self._max_errors = max_errors
         self.errors: list[str] = []
         self._offset = 0  # bytes fed so far
+        # The pure-Python engine's state (the C engine keeps its own).
         self._state = _PLAIN
         self._at_field_start = True  # the next byte begins a field (a quote there opens a quoted field)
         self._row_delims = 0  # delimiters seen in the current row
@@ -100,16 +109,12 @@ class CsvVerifier:
         self._rows = 0  # non-blank rows completed, header included
         self._columns = 0
         self._finished = False
-        self._batch = batch_bytes
-        self._pending: list[bytes] = []  # chunks held back (batching), after the carried incomplete line
-        self._pending_len = 0
-        self._carry = b""  # an incomplete line held back for the fast path (starts at a row start)
-        self._scratch = np.empty(0, np.bool_)  # reused mask buffer (see _mask)
 
     @property
     def records(self) -> int:
         """Data records completed so far (header excluded)."""
-        return max(self._rows - 1, 0)
+        rows = self._scanner.rows if self._scanner is not None else self._rows
+        return max(rows - 1, 0)
 
     def feed(self, data: bytes) -> None:
         """Consume the next chunk; chunk boundaries may fall anywhere."""
@@ -122,134 +127,43 @@ class CsvVerifier:
             if nul >= 0:
                 self._error(f"NUL byte at offset {self._offset + nul}")
         self._offset += len(data)
-        if self._batch:
-            if self._carry:
-                self._pending.append(self._carry)
-                self._pending_len += len(self._carry)
-                self._carry = b""
-            self._pending.append(data)
-            self._pending_len += len(data)
-            if self._pending_len < self._batch:
-                return
-            data = b"".join(self._pending) if len(self._pending) > 1 else data
-            self._pending.clear()
-            self._pending_len = 0
-        self._consume(data)
-
-    def _consume(self, data: bytes) -> None:
-        """Check ``data`` (after the carried incomplete line): whole lines fast, the rest exactly or carried."""
-        if self._carry:
-            data = self._carry + data
-            self._carry = b""
-        pos = 0
-        if not self._at_row_start():
-            pos = self._resync(data, 0)
-            if pos == len(data):
-                return
-        end, anomaly = self._fast_lines(data, pos)
-        if anomaly:
-            self._exact(data[end:] if end else data)
-        elif len(data) - end > _CARRY_MAX:
-            self._exact(data[end:])
-        else:
-            self._carry = data[end:]
-
-    def _at_row_start(self) -> bool:
-        return self._state == _PLAIN and self._row_bytes == 0
-
-    def _resync(self, data: bytes, pos: int) -> int:
-        """Walk ``data`` from ``pos`` exactly, line by line, until back at a row start; return that index."""
-        for _ in range(_RESYNC_LINES):
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                break
-            self._exact(data[pos : nl + 1])
-            pos = nl + 1
-            if self._at_row_start():
-                return pos
-        if pos < len(data):
-            self._exact(data[pos:] if pos else data)
-        return len(data)
-
-    def _mask(self, a: npt.NDArray[np.uint8], byte: int) -> npt.NDArray[np.bool_]:
-        """``a == byte`` into a buffer reused from call to call (valid until the next call).
-
-        A fresh megabyte-sized array per comparison costs more in page faults than the comparison itself.
-        """
-        if self._scratch.size < a.size:
-            self._scratch = np.empty(max(a.size, 2 * self._scratch.size), np.bool_)
-        out = self._scratch[: a.size]
-        np.equal(a, byte, out=out)
-        return out
-
-    def _fast_lines(self, data: bytes, pos: int) -> tuple[int, bool]:
-        """From a row start at ``data[pos]``, count and check every complete line with numpy.
-
-        Returns ``(end, anomaly)``: ``data[pos:end]`` was handled (it ends just after a record end), and
-        ``anomaly`` tells that something after ``end`` needs the exact walk (a quote inside an unquoted field,
-        or a bare ``\\r`` record end). Without an anomaly, ``data[end:]`` is an incomplete line.
-        """
-        a = np.frombuffer(data, np.uint8)[pos:]
-        nl = np.flatnonzero(self._mask(a, _NL))
-        q = np.flatnonzero(self._mask(a, _QUOTE))
-        cr = np.flatnonzero(self._mask(a, _CR)) if data.find(b"\r", pos) >= 0 else nl[:0]
-        bound = len(a)  # the first byte the quote parity below cannot vouch for
-        if q.size:
-            # A quote that opens a quoted stretch (even index) must follow a field end or the previous quote.
-            opening = q[0::2]
-            prev = a[np.maximum(opening - 1, 0)]
-            ok = (prev == self._delim_byte) | (prev == _NL) | (prev == _CR) | (prev == _QUOTE) | (opening == 0)
-            if not ok.all():
-                bound = int(opening[np.argmin(ok)])
-            if cr.size:
-                cr = cr[(np.searchsorted(q, cr) & 1) == 0]
-            nl = nl[(np.searchsorted(q, nl) & 1) == 0]
-        if cr.size:
-            # A structural \r must be the first half of \r\n (one at the very end may still be).
-            after = a[np.minimum(cr + 1, len(a) - 1)]
-            bare = (after != _NL) & (cr + 1 < len(a))
-            if bare.any():
-                bound = min(bound, int(cr[np.argmax(bare)]))
-        anomaly = bound < len(a)
-        if anomaly:
-            nl = nl[nl < bound]
-        if not nl.size:
-            return pos, anomaly
-        end = int(nl[-1]) + 1
-        body = a[:end]
-        is_delim = self._mask(body, self._delim_byte)
-        starts = np.empty_like(nl)
-        starts[0] = 0
-        starts[1:] = nl[:-1] + 1
-        # Delimiters per line, quoted ones included. Summed in uint16 (3x faster) when no line can reach 65,536.
-        wide = np.int64 if end >= 65535 and int(np.diff(nl, prepend=-1).max()) >= 65535 else np.uint16
-        delims = np.add.reduceat(is_delim.view(np.uint8), starts, dtype=wide).astype(np.int64)
-        if q.size:
-            q = q[q < end]  # an even count: ``end`` is outside quotes
-            inside = np.add.reduceat(is_delim.view(np.uint8), q, dtype=wide)[0::2]  # per quoted stretch
-            hit = np.flatnonzero(inside)
-            if hit.size:
-                line = np.searchsorted(nl, q[0::2][hit])
-                delims -= np.bincount(line, weights=inside[hit], minlength=nl.size).astype(np.int64)
-        # Blank lines (nothing but the record end) are not rows.
-        lengths = nl - starts - ((body[np.maximum(nl - 1, 0)] == _CR) & (nl > starts))
-        self._fast_rows(delims[lengths > 0])
-        return pos + end, anomaly
-
-    def _fast_rows(self, delims: npt.NDArray[np.int64]) -> None:
-        """Complete non-blank rows with these delimiter counts."""
-        if not delims.size:
+        if self._scanner is None:
+            self._exact(data)
             return
-        if self._rows == 0:
-            self._rows = 1
-            self._columns = int(delims[0]) + 1
-            delims = delims[1:]
-        want = self._columns - 1
-        if self._check_shape:
-            bad = np.flatnonzero(delims != want)
-            for i in bad[: self._max_errors + 1].tolist():
-                self._error(f"row {self._rows + i + 1} has {int(delims[i]) + 1} fields, header has {self._columns}")
-        self._rows += int(delims.size)
+        room = max(self._max_errors - len(self.errors), 0) if self._check_shape else 0
+        bad, _more = self._scanner.feed(data, room)
+        for row, fields in bad:
+            self._field_error(row, fields)
+
+    def finish(self) -> CsvReport:
+        """End of input: close the last row, run the end-of-file checks, and return the report."""
+        if not self._finished:
+            self._finished = True
+            if self._scanner is not None:
+                open_quote, last = self._scanner.finish()
+                if open_quote and self._check_shape:
+                    self._error("file ends inside a quoted field")
+                if last is not None and self._check_shape:
+                    self._field_error(*last)
+                self._columns = self._scanner.columns
+            else:
+                if self._state == _QUOTED and self._check_shape:
+                    self._error("file ends inside a quoted field")
+                if self._row_bytes:
+                    self._end_row()
+            if self._expected is not None and self.records != self._expected:
+                self._error(f"record count {self.records} != expected {self._expected}", force=True)
+        return CsvReport(records=self.records, columns=self._columns, bytes=self._offset, errors=tuple(self.errors))
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _error(self, message: str, *, force: bool = False) -> None:
+        if force or len(self.errors) < self._max_errors:
+            self.errors.append(message)
+
+    def _field_error(self, row: int, fields: int) -> None:
+        columns = self._scanner.columns if self._scanner is not None else self._columns
+        self._error(f"row {row} has {fields} fields, header has {columns}")
 
     def _exact(self, data: bytes) -> None:
         """The exact state machine over ``data`` (any state, any boundary)."""
@@ -319,30 +233,6 @@ class CsvVerifier:
         self._state = _PLAIN
         return i
 
-    def finish(self) -> CsvReport:
-        """End of input: close the last row, run the end-of-file checks, and return the report."""
-        if not self._finished:
-            self._finished = True
-            if self._pending:
-                self._consume(b"".join(self._pending))
-                self._pending.clear()
-            if self._carry:
-                self._exact(self._carry)
-                self._carry = b""
-            if self._state == _QUOTED and self._check_shape:
-                self._error("file ends inside a quoted field")
-            if self._row_bytes:
-                self._end_row()
-            if self._expected is not None and self.records != self._expected:
-                self._error(f"record count {self.records} != expected {self._expected}", force=True)
-        return CsvReport(records=self.records, columns=self._columns, bytes=self._offset, errors=tuple(self.errors))
-
-    # -- internals ---------------------------------------------------------------------------------------
-
-    def _error(self, message: str, *, force: bool = False) -> None:
-        if force or len(self.errors) < self._max_errors:
-            self.errors.append(message)
-
     def _end_row(self) -> None:
         """Close a non-blank row with ``self._row_delims`` delimiters."""
         fields = self._row_delims + 1
@@ -350,7 +240,7 @@ class CsvVerifier:
         if self._rows == 1:
             self._columns = fields
         elif fields != self._columns and self._check_shape:
-            self._error(f"row {self._rows} has {fields} fields, header has {self._columns}")
+            self._field_error(self._rows, fields)
         self._row_delims = 0
         self._row_bytes = 0
 
@@ -440,4 +330,4 @@ class CsvVerifier:
                 continue
             self._rows += 1
             if c != want and self._check_shape:
-                self._error(f"row {self._rows} has {c + 1} fields, header has {self._columns}")
+                self._field_error(self._rows, c + 1)

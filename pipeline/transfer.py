@@ -51,7 +51,6 @@ MAX_PARTS = 10_000
 GROWTH_EVERY = 1_000  # unknown size: the part size doubles every this many parts
 _INFLATE_STEP = MIB  # at most this many decoded bytes per zlib call (bounds memory on gzip bombs)
 _INLINE_HASH_MAX = MIB  # smaller bodies are hashed on the loop; bigger ones in a thread (hashlib frees the GIL)
-_VERIFY_BATCH = MIB  # the CSV verifier checks this many bytes per call (its numpy fast path likes big blocks)
 _S3_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _MEDIA = {"csv": "text/csv", "tsv": "text/tab-separated-values", "zip": "application/zip", "gzip": "application/gzip"}
 
@@ -263,7 +262,6 @@ class _Flow:
                 delimiter=b"\t" if spec.kind == "tsv" else b",",
                 expected_records=spec.expected_records if settings.verify_record_count else None,
                 check_shape=settings.verify_csv_shape,
-                batch_bytes=_VERIFY_BATCH,
             )
             if verify
             else None

@@ -74,5 +74,5 @@ def test_e2e_quick(tmp_path: Path) -> None:
 def test_verifier_quick(tmp_path: Path) -> None:
     result = run_bench("bench.verifier", tmp_path)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"csv_module", "ours"}
+    assert set(rows) == {"csv_module", "ours_python", "ours"}
     assert rows["ours"]["x_ours"] == 1 and rows["csv_module"]["cpu_s_per_gib"] > 0

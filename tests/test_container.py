@@ -70,7 +70,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_install_script_installs_the_package_not_the_checkout(venv: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import pipeline; print(pipeline.__file__)"],
+        [str(venv / "bin" / "python"), "-c", "import pipeline.csvcheck as c; print(c.__file__, c.DEFAULT_ENGINE)"],
         cwd=tmp_path,
         env=_base_env(tmp_path),
         capture_output=True,
@@ -78,8 +78,9 @@ def test_install_script_installs_the_package_not_the_checkout(venv: Path, tmp_pa
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    location = Path(proc.stdout.strip())
-    assert location.is_relative_to(venv), location  # a real install, not an editable link to the repo
+    path, engine = proc.stdout.split()
+    assert Path(path).is_relative_to(venv), path  # a real install, not an editable link to the repo
+    assert engine == "c"  # the wheel carries the compiled CSV verifier
 
 
 def test_entry_point_reads_configuration_from_the_environment(venv: Path, tmp_path: Path) -> None:

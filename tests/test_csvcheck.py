@@ -1,5 +1,6 @@
 """CsvVerifier: hand-written edge cases, and property tests against Python's csv module with the input
-split at arbitrary chunk boundaries."""
+split at arbitrary chunk boundaries. Every test runs on both engines (the C extension and the pure-Python walk),
+and the two are also compared with each other on arbitrary bytes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import pipeline.csvcheck
 from pipeline.csvcheck import CsvReport, CsvVerifier
 from pipeline.errors import IntegrityError
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with this engine as every verifier's default."""
+    monkeypatch.setattr(pipeline.csvcheck, "DEFAULT_ENGINE", request.param)
+    return str(request.param)
 
 
 def verify(data: bytes, *, cuts: list[int] | None = None, **kw: object) -> CsvReport:
@@ -205,30 +214,13 @@ def test_generated_csv_written_with_lf_terminators_reads_back_rectangular() -> N
     assert (r.records, r.columns, r.ok) == (200, 2, True)
 
 
-# -- the numpy fast path and its hand-overs to the exact walk ------------------------------------------
-
-
-def verify_batched(data: bytes, cuts: list[int], batch: int, **kw: object) -> CsvReport:
-    return verify(data, cuts=cuts, batch_bytes=batch, **kw)
-
-
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    doc=csv_documents(),
-    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
-    batch=st.sampled_from([1, 7, 64, 1 << 20]),
-)
-def test_batching_gives_the_same_report(doc: tuple[bytes, str, int], cuts: list[int], batch: int) -> None:
-    data, delimiter, _ = doc
-    kw = {"delimiter": delimiter.encode()}
-    assert verify_batched(data, cuts, batch, **kw) == verify(data, **kw)
+# -- big files: the C engine's 16-byte blocks and GIL-free chunks, and long quoted stretches ----------------
 
 
 def _big(rows: int, line: bytes = b'1,"x, ""y""\nz",3\n') -> bytes:
     return b"a,b,c\n" + line * rows
 
 
-@pytest.mark.parametrize("batch", [0, 4096])
 @pytest.mark.parametrize(
     ("odd", "records", "errors"),
     [
@@ -237,28 +229,27 @@ def _big(rows: int, line: bytes = b'1,"x, ""y""\nz",3\n') -> bytes:
         (b"2,3\n", 2001, ("row 1002 has 2 fields, header has 3",)),
     ],
 )
-def test_unusual_line_in_a_big_file(batch: int, odd: bytes, records: int, errors: tuple[str, ...]) -> None:
+def test_unusual_line_in_a_big_file(odd: bytes, records: int, errors: tuple[str, ...]) -> None:
     data = _big(1000) + odd + _big(1000)[6:]
-    whole = verify(data, batch_bytes=batch)
+    whole = verify(data)
     assert (whole.records, whole.columns, whole.errors) == (records, 3, errors)
     for step in (1000, 4093, 65536):
-        assert verify(data, cuts=list(range(step, len(data), step)), batch_bytes=batch) == whole
+        assert verify(data, cuts=list(range(step, len(data), step))) == whole
 
 
 def test_quote_never_closed_in_a_big_file() -> None:
     data = _big(1000) + b'2,"open\n' + b"1,2,3\n" * 1000  # all that follows the quote is one field
-    whole = verify(data, batch_bytes=4096)
+    whole = verify(data)
     assert whole.records == 1001
     assert whole.errors == ("file ends inside a quoted field", "row 1002 has 2 fields, header has 3")
     assert verify(data, cuts=list(range(4093, len(data), 4093))) == whole
 
 
-def test_long_line_goes_to_the_exact_walk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.csvcheck._CARRY_MAX", 64)
-    data = b"a,b\n" + b'1,"' + b"long, quoted\n" * 50 + b'"\n' + b"2,3\n" * 50
+def test_long_quoted_field_across_chunks() -> None:
+    data = b"a,b\n" + b'1,"' + b"long, quoted\n" * 50_000 + b'"\n' + b"2,3\n" * 50
     whole = verify(data)
     assert (whole.records, whole.columns, whole.ok) == (51, 2, True)
-    assert verify(data, cuts=list(range(10, len(data), 10))) == whole
+    assert verify(data, cuts=list(range(10, len(data), 65_537))) == whole
 
 
 def test_line_with_more_than_65535_fields() -> None:
@@ -269,8 +260,55 @@ def test_line_with_more_than_65535_fields() -> None:
     assert r.errors[:2] == ("row 3 has 69999 fields, header has 70000", "row 4 has 1 fields, header has 70000")
 
 
-def test_crlf_and_blank_lines_on_the_fast_path() -> None:
+def test_crlf_and_blank_lines_in_a_big_file() -> None:
     data = b"a,b\r\n" + b'1,"x\r\ny"\r\n\r\n\n' * 500 + b"2,3"
-    r = verify(data, cuts=list(range(100, len(data), 777)), batch_bytes=2048)
+    r = verify(data, cuts=list(range(100, len(data), 777)))
     assert (r.records, r.columns, r.ok) == (501, 2, True)
     assert reference(data)[:2] == (501, 2)
+
+
+# -- the two engines ---------------------------------------------------------------------------------------
+
+
+def test_c_engine_is_built() -> None:
+    """The package's install builds the extension; without it every transfer would verify in pure Python."""
+    assert pipeline.csvcheck._csvscan is not None, "pipeline._csvscan is not built: reinstall with a C compiler"
+    assert CsvVerifier(engine="c").engine == "c"
+
+
+def test_c_engine_refuses_what_it_cannot_scan() -> None:
+    scanner = pipeline.csvcheck._csvscan.Scanner
+    for bad in (0, ord('"'), ord("\n"), ord("\r"), 256):
+        with pytest.raises(ValueError):
+            scanner(bad)
+    with pytest.raises(TypeError):
+        scanner(44).feed("text is not bytes", 1)
+    s = scanner(44)
+    s.feed(memoryview(b"a,b\n1,2\n"), 0)  # any bytes-like object
+    assert (s.rows, s.columns) == (2, 2)
+
+
+special_soup = st.binary(min_size=0, max_size=300).map(
+    lambda b: bytes(b'ab,"\n\r\t\0x'[c % 9] for c in b)  # dense in the bytes that matter, NUL included
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=special_soup, cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+def test_engines_agree_on_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
+    """Same report, errors and their order included, at any split: also where csv itself gives up."""
+    for delimiter in (b",", b"\t"):
+        for check_shape in (True, False):
+            kw = {"delimiter": delimiter, "check_shape": check_shape, "max_errors": 3, "expected_records": 2}
+            assert verify(data, cuts=cuts, engine="c", **kw) == verify(data, cuts=cuts, engine="python", **kw)
+
+
+@pytest.mark.parametrize("step", [1, 15, 16, 17, 4093, 70_000])
+def test_engines_agree_on_a_big_file_at_any_chunking(step: int) -> None:
+    """Quotes, record ends and bad rows at every offset within the C engine's 16-byte blocks."""
+    lines = [b'1,"x,""y""\r\nz",3\n', b"22,333,4444\n", b"\r\n", b'5,"",6\r', b"7,8\n", b'9,x"y,\t\n', b"\n"]
+    data = b"a,b,c\n" + b"".join(lines[(i * 7 + i // 5) % len(lines)] for i in range(3000))
+    cuts = list(range(step, len(data), step)) if step > 1 else list(range(0, len(data), 97))
+    c = verify(data, cuts=cuts, engine="c", max_errors=1000)
+    assert c == verify(data, cuts=cuts, engine="python", max_errors=1000)
+    assert c.records > 2000 and len(c.errors) > 100  # the "7,8" rows are short
