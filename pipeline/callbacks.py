@@ -83,7 +83,10 @@ async def read_fields(request: web.Request) -> dict[str, str]:
                 if isinstance(v, str | int | float | bool):
                     fields.setdefault(str(k).lower(), str(v))
         elif body and ctype == "application/x-www-form-urlencoded":
-            form = await request.post()
+            try:
+                form = await request.post()
+            except UnicodeDecodeError:  # aiohttp decodes the form with the declared (default UTF-8) charset
+                raise CallbackRejected("form body is not valid in its charset", code="malformed_body") from None
             for fk, fv in form.items():
                 if isinstance(fv, str):
                     fields.setdefault(fk.lower(), fv)

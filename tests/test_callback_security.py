@@ -142,6 +142,9 @@ async def test_tokens_accept_the_genuine_and_refuse_the_rest(
             ("POST", f"{base}?token={tok_a}", {"data": b"{nope", "headers": {"Content-Type": "application/json"}}, 400,
              "malformed_body"),
             ("POST", f"{base}?token={tok_a}", {"json": [1, 2]}, 400, "malformed_body"),
+            ("POST", f"{base}?token={tok_a}", {"data": b"jobId=\xe4\xe4",
+                                               "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+             400, "malformed_body"),  # not UTF-8
             ("POST", f"{base}?token={tok_a}", {"data": b"x" * (80 * 1024),
                                                "headers": {"Content-Type": "application/json"}}, 413, None),
         ]  # fmt: skip
@@ -166,7 +169,7 @@ async def test_tokens_accept_the_genuine_and_refuse_the_rest(
         for code in ("token_invalid", "token_expired", "token_job_mismatch", "token_required", "invalid_job_id"):
             assert counts[code] == 1, (code, counts)
         assert counts["token_malformed"] == 1
-        assert counts["malformed_body"] == 2
+        assert counts["malformed_body"] == 3
         assert counts["payload_too_large"] == 1, counts
         item_b = await stack.components.ledger.get(job_b)
         assert item_b is not None and item_b.state == JobState.notified and item_b.callback_count == 1
