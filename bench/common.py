@@ -284,6 +284,7 @@ def s3_server(name: str, *, rclone: str | None = None, need: int = 0) -> Iterato
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate ``proc`` (kill it after 10 s) and reap it."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -310,12 +311,7 @@ def simulator_proc(port: int, *args: str) -> Iterator[tuple[str, int]]:
         wait_http(url + "/_sim/faults", proc)
         yield url, proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def cpu_s_of(pid: int) -> float:
