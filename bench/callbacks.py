@@ -10,10 +10,17 @@ moto) -> durable ``SendMessage`` (SQS on moto) -> 202. The bare handler ignores 
 generator runs in its own process, sends at a constant arrival rate (open loop: latency is measured from each
 request's *scheduled* time, so a slow server cannot slow the generator down and hide its queueing), and a
 closed-loop saturation run gives the sustained ceiling. CPU of the receiver and of moto is sampled from
-``/proc`` to say what bounds each figure.
+``/proc`` to say what bounds each figure; the receiver's CPU is also given per accepted callback (its user+sys
+CPU seconds over the run / the callbacks it answered 2xx), which does not depend on how fast AWS answers.
+
+With ``--aws stub`` the AWS side is :mod:`bench.awsstub` instead of moto: a keep-alive stand-in for the two calls
+(every UpdateItem finds a submitted job, every message is stored), optionally after a fixed latency per call
+(``--aws-latency-ms DYNAMODB,SQS``), so the receiver can be measured at rates moto cannot serve. Nothing is
+seeded then (the stub answers any job id); the figures say what the receiver costs, not what AWS allows.
 
     python -m bench.callbacks --rates 100,500,1000 --duration 15
-    python -m bench.callbacks --quick
+    python -m bench.callbacks --aws stub --aws-latency-ms 4,8 --rates 200,500 --duration 15
+    python -m bench.callbacks --quick [--aws stub]
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack, contextmanager
 from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ from typing import Any
 import orjson
 
 from bench.common import command_line, machine, median, moto, percentile, table, wait_http, write_results
-from pipeline.testing.moto import free_port
+from pipeline.testing.moto import MotoServer, free_port
 
 CALLBACK_PATH = "/callbacks/aqua"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -204,6 +212,52 @@ async def _provision(moto_url: str, log_dir: Path) -> Any:
     return settings_with_resources(settings, resources)
 
 
+def _stub_settings(stub_url: str) -> Any:
+    """The receiver's settings against :mod:`bench.awsstub` (no resources to create: the stub takes any name)."""
+    from pipeline.aqua.simulator import SimulatorConfig
+    from pipeline.testing.stack import local_settings
+
+    suffix = uuid.uuid4().hex[:10]
+    settings = local_settings(stub_url, "http://127.0.0.1:9", SimulatorConfig(), free_port(), suffix)
+    return settings.model_copy(
+        update={
+            "log_format": "json",
+            "http": settings.http.model_copy(update={"shutdown_grace_s": 1.0}),
+            "queue": settings.queue.model_copy(
+                update={"worker_enabled": False, "work_queue_url": f"{stub_url}/000000000000/aqua-work-{suffix}"}
+            ),
+            "reconciler": settings.reconciler.model_copy(update={"enabled": False}),
+            "events": settings.events.model_copy(
+                update={"topic_arn": f"arn:aws:sns:{settings.aws.region}:000000000000:aqua-events-{suffix}"}
+            ),
+        }
+    )
+
+
+@contextmanager
+def aws_stub(ddb_latency_ms: float, sqs_latency_ms: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A :mod:`bench.awsstub` process for the duration of the block: ``(url, process)``."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.awsstub", "--port", str(port)]
+    cmd += ["--ddb-latency-ms", str(ddb_latency_ms), "--sqs-latency-ms", str(sqs_latency_ms)]
+    proc = subprocess.Popen(cmd)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/__calls", proc)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _stub_calls(url: str) -> Counter[str]:
+    """How many calls of each operation the stub has answered so far."""
+    with urllib.request.urlopen(url + "/__calls", timeout=10) as resp:
+        return Counter(orjson.loads(resp.read()))
+
+
+WARMUP = 20
+"""Callbacks sent once before the measured runs, so the first run's CPU per callback is not its warm-up's."""
 SEED_BATCH = 25  # BatchWriteItem's limit
 SEED_CONCURRENCY = 4
 
@@ -212,9 +266,11 @@ async def _seed(settings: Any, n: int) -> list[tuple[str, str]]:
     """Record ``n`` submitted jobs in the ledger as the submitter records them; returns them as
     ``(job_id, submission_id)`` pairs.
 
-    The first goes through the submitter's own calls (``bind_submission``, then ``record_submission``); the
-    rest are copies of the two items those calls wrote, with their own ids, written with BatchWriteItem (two
-    UpdateItems per job would take most of a minute for the default pool on moto)."""
+    The first goes through the submitter's own calls (``bind_submission``, then ``record_submission`` with a
+    submit body, which the item carries as the submitter's items do); the rest are copies of the two items those
+    calls wrote, with their own ids, written with BatchWriteItem (two UpdateItems per job would take most of a
+    minute for the default pool on moto)."""
+    from bench.awsstub import REQUEST as SUBMIT_BODY  # the stub's item carries the same submit body
     from pipeline.aws import open_clients
     from pipeline.ledger import JobLedger
     from pipeline.tokens import new_submission_id
@@ -228,7 +284,9 @@ async def _seed(settings: Any, n: int) -> list[tuple[str, str]]:
         ledger = JobLedger(ddb, settings.ledger)
         job0, sub0 = pool[0]
         await ledger.bind_submission(sub0, job0)
-        await ledger.record_submission(job0, submission_id=sub0, job_name="bench", partner=None, project=None)
+        await ledger.record_submission(
+            job0, submission_id=sub0, job_name="bench", partner=None, project=None, request=SUBMIT_BODY
+        )
         job_item = (await ddb.get_item(TableName=table, Key={"job_id": {"S": job0}}, ConsistentRead=True))["Item"]
         sub_item = (await ddb.get_item(TableName=table, Key={"job_id": {"S": f"sub#{sub0}"}}))["Item"]
         puts: list[dict[str, Any]] = []
@@ -336,74 +394,114 @@ async def _emulator_ceiling(
     }
 
 
+def _aws_latency_ms(text: str) -> tuple[float, float]:
+    """``--aws-latency-ms``: ``"4,8"`` -> (DynamoDB, SQS) milliseconds; one number applies to both."""
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 0:
+        raise ValueError(f"--aws-latency-ms takes DYNAMODB,SQS milliseconds, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _per_callback_ms(cpu_s: float, ok: int) -> float:
+    return 1000 * cpu_s / ok if ok else float("nan")
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """Bare and ours at each offered rate (interleaved), then a closed-loop saturation run of each."""
     from pipeline.testing.procs import ServiceProcess
+    from pipeline.tokens import new_submission_id
 
     rates = [float(r) for r in a.rates.split(",")]
+    latency_ms = _aws_latency_ms(a.aws_latency_ms)
+    stubbed = a.aws == "stub"
     runs: list[dict[str, Any]] = []
-    with moto() as server, tempfile.TemporaryDirectory(prefix="bench-callbacks-") as tmp:
-        assert server.proc is not None
-        settings = asyncio.run(_provision(server.url, Path(tmp)))
-        urls_file = Path(tmp) / "callback-urls.txt"
-        t0 = time.monotonic()
-        pool = asyncio.run(_seed(settings, a.pool))
+    with ExitStack() as exits:
+        tmp = Path(exits.enter_context(tempfile.TemporaryDirectory(prefix="bench-callbacks-")))
+        urls_file = tmp / "callback-urls.txt"
+        if stubbed:
+            aws_url, aws_proc = exits.enter_context(aws_stub(*latency_ms))
+            settings = _stub_settings(aws_url)
+            pool = [(uuid.uuid4().hex, new_submission_id()) for _ in range(a.pool)]
+        else:
+            server: MotoServer = exits.enter_context(moto())
+            assert server.proc is not None
+            aws_url, aws_proc = server.url, server.proc
+            settings = asyncio.run(_provision(server.url, tmp))
+            t0 = time.monotonic()
+            pool = asyncio.run(_seed(settings, a.pool))
+            print(f"  seeded {len(pool)} submitted jobs in {time.monotonic() - t0:.1f}s", flush=True)
         write_urls(settings, pool, urls_file)
-        print(f"  seeded {len(pool)} submitted jobs in {time.monotonic() - t0:.1f}s", flush=True)
-        service = ServiceProcess(settings, Path(tmp) / "service.log").start()
+        purge = not stubbed and not a.quick  # moto slows as the unconsumed queue grows: start each run clean
+        service = ServiceProcess(settings, tmp / "service.log").start()
+        exits.callback(service.terminate)
+        for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load and cache botocore's models
+            urllib.request.urlopen(service.url + path, timeout=30).close()
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
-        try:
-            wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
-            targets = {
-                "bare": (f"http://127.0.0.1:{bare_port}", bare.pid),
-                "ours": (service.url, service.proc.pid if service.proc else 0),
-            }
-            plan: list[tuple[float | None, str]] = []
-            for offered in rates:
-                for _ in range(a.repeat):
-                    plan += [(offered, "bare"), (offered, "ours")]
-            plan += [(None, "bare"), (None, "ours")]
-            for rate, name in plan:
-                url, pid = targets[name]
-                if name == "ours" and not a.quick:
-                    asyncio.run(_purge(settings))  # moto slows as the unconsumed queue grows: start each run clean
-                cpu0, moto0, t0 = cpu_seconds(pid), cpu_seconds(server.proc.pid), time.monotonic()
-                r = _load(url, urls_file, rate=rate, duration=a.duration, concurrency=a.concurrency)
-                wall = time.monotonic() - t0
-                r["target"] = name
-                r["server_cpu_pct"] = 100 * (cpu_seconds(pid) - cpu0) / wall
-                r["moto_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - moto0) / wall
-                runs.append(r)
-                print(
-                    f"  {name:4s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
-                    f"p50 {r['p50_ms']:7.2f}ms p99 {r['p99_ms']:8.2f}ms  server cpu {r['server_cpu_pct']:5.1f}% "
-                    f"moto cpu {r['moto_cpu_pct']:5.1f}%  {r['statuses']}",
-                    flush=True,
-                )
-            if not a.quick:
+        exits.callback(bare.wait, 10)
+        exits.callback(bare.send_signal, signal.SIGINT)
+        wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
+        targets = {
+            "bare": (f"http://127.0.0.1:{bare_port}", bare.pid),
+            "ours": (service.url, service.proc.pid if service.proc else 0),
+        }
+        plan: list[tuple[float | None, str]] = []
+        for offered in rates:
+            for _ in range(a.repeat):
+                plan += [(offered, "bare"), (offered, "ours")]
+        plan += [(None, "bare"), (None, "ours")]
+        for rate, name in plan:
+            url, pid = targets[name]
+            if name == "ours" and purge:
                 asyncio.run(_purge(settings))
-            cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
-            ceiling = asyncio.run(_emulator_ceiling(settings, pool, duration=a.duration, concurrency=a.concurrency))
-            ceiling["server_cpu_pct"] = 0.0
-            ceiling["moto_cpu_pct"] = 100 * (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
-            runs.append(ceiling)
+            calls0 = _stub_calls(aws_url) if stubbed else Counter()
+            cpu0, aws0, t0 = cpu_seconds(pid), cpu_seconds(aws_proc.pid), time.monotonic()
+            r = _load(url, urls_file, rate=rate, duration=a.duration, concurrency=a.concurrency)
+            wall = time.monotonic() - t0
+            cpu = cpu_seconds(pid) - cpu0
+            r["target"] = name
+            r["server_cpu_pct"] = 100 * cpu / wall
+            r["server_cpu_ms_per_ok"] = _per_callback_ms(cpu, r["ok"])
+            r["aws_cpu_pct"] = 100 * (cpu_seconds(aws_proc.pid) - aws0) / wall
+            if stubbed and name == "ours":
+                calls = _stub_calls(aws_url) - calls0
+                r["aws_calls_per_ok"] = {op: n / r["ok"] for op, n in sorted(calls.items())} if r["ok"] else {}
+            runs.append(r)
             print(
-                f"  emulator ceiling (same AWS calls, no receiver) -> {ceiling['sustained_per_s']:7.1f}/s "
-                f"p50 {ceiling['p50_ms']:7.2f}ms p99 {ceiling['p99_ms']:8.2f}ms",
+                f"  {name:4s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
+                f"p50 {r['p50_ms']:7.2f}ms p99 {r['p99_ms']:8.2f}ms  server cpu {r['server_cpu_pct']:5.1f}% "
+                f"= {r['server_cpu_ms_per_ok']:5.2f}ms/ok  {a.aws} cpu {r['aws_cpu_pct']:5.1f}%  {r['statuses']}"
+                + (f"  AWS calls/ok {_fmt_calls(r['aws_calls_per_ok'])}" if "aws_calls_per_ok" in r else ""),
                 flush=True,
             )
-        finally:
-            bare.send_signal(signal.SIGINT)
-            bare.wait(10)
-            service.terminate()
+        if purge:
+            asyncio.run(_purge(settings))
+        aws0, t0 = cpu_seconds(aws_proc.pid), time.monotonic()
+        ceiling = asyncio.run(_emulator_ceiling(settings, pool, duration=a.duration, concurrency=a.concurrency))
+        ceiling["server_cpu_pct"] = 0.0
+        ceiling["server_cpu_ms_per_ok"] = float("nan")
+        ceiling["aws_cpu_pct"] = 100 * (cpu_seconds(aws_proc.pid) - aws0) / (time.monotonic() - t0)
+        runs.append(ceiling)
+        print(
+            f"  emulator ceiling (same AWS calls, no receiver) -> {ceiling['sustained_per_s']:7.1f}/s "
+            f"p50 {ceiling['p50_ms']:7.2f}ms p99 {ceiling['p99_ms']:8.2f}ms",
+            flush=True,
+        )
     return {
         "bench": "callbacks",
         "command": command_line("bench.callbacks"),
         "machine": machine(),
+        "aws": a.aws,
+        "aws_latency_ms": list(latency_ms) if stubbed else None,
         "summary": summarize(runs),
         "runs": runs,
     }
+
+
+def _fmt_calls(calls: dict[str, float]) -> str:
+    return ", ".join(f"{op} {n:.2f}" for op, n in calls.items())
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -422,9 +520,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": sum(sum(v for s, v in r["statuses"].items() if not s.startswith("2")) for r in rs),
                 "dropped": sum(r["dropped"] for r in rs),
                 "server_cpu_pct": median([r["server_cpu_pct"] for r in rs]),
-                "moto_cpu_pct": median([r["moto_cpu_pct"] for r in rs]),
+                "server_cpu_ms_per_ok": median([r["server_cpu_ms_per_ok"] for r in rs]),
+                "aws_cpu_pct": median([r["aws_cpu_pct"] for r in rs]),
             }
         )
+        calls = [r["aws_calls_per_ok"] for r in rs if r.get("aws_calls_per_ok")]
+        if calls:
+            out[-1]["aws_calls_per_ok"] = {op: median([c.get(op, 0.0) for c in calls]) for op in sorted(calls[0])}
     sat = {s["target"]: s["sustained_per_s"] for s in out if s["offered"].startswith("saturation")}
     if sat.get("bare"):
         for s in out:
@@ -435,11 +537,16 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def render(summary: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table."""
-    headers = ["target", "offered", "sustained/s", "p50 ms", "p99 ms", "errors", "server CPU %", "moto CPU %"]
-    rows = [
-        [
+def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
+    """The summary as a Markdown table. "server CPU ms/ok": the server's user+sys CPU per 2xx answer."""
+    headers = ["target", "offered", "sustained/s", "p50 ms", "p99 ms", "errors", "server CPU %", "server CPU ms/ok"]
+    headers += [f"{aws} CPU %"]
+    with_calls = any("aws_calls_per_ok" in s for s in summary)
+    if with_calls:
+        headers += ["AWS calls/ok"]
+    rows = []
+    for s in summary:
+        row = [
             s["target"],
             s["offered"],
             s["sustained_per_s"],
@@ -447,10 +554,12 @@ def render(summary: list[dict[str, Any]]) -> str:
             s["p99_ms"],
             s["errors"] + s["dropped"],
             s["server_cpu_pct"],
-            s["moto_cpu_pct"],
+            "-" if s["server_cpu_ms_per_ok"] != s["server_cpu_ms_per_ok"] else s["server_cpu_ms_per_ok"],  # NaN
+            s["aws_cpu_pct"],
         ]
-        for s in summary
-    ]
+        if with_calls:
+            row.append(_fmt_calls(s.get("aws_calls_per_ok", {})) or "-")
+        rows.append(row)
     text = table(headers, rows)
     ratio = [s["ratio_to_bare"] for s in summary if "ratio_to_bare" in s]
     if ratio:
@@ -470,6 +579,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop saturation run")
     p.add_argument("--pool", type=int, default=2000, help="submitted jobs seeded in the ledger and called back")
     p.add_argument("--quick", action="store_true", help="CI smoke: 10/s for 1 s, a pool of 50 jobs")
+    p.add_argument(
+        "--aws",
+        choices=("moto", "stub"),
+        default="moto",
+        help="moto (default), or bench.awsstub: the receiver alone, at rates moto cannot serve",
+    )
+    p.add_argument(
+        "--aws-latency-ms",
+        default="0",
+        help="with --aws stub: the stub's latency per call, DYNAMODB,SQS milliseconds (one number: both)",
+    )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -487,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         a.rates, a.duration, a.repeat, a.concurrency, a.pool = "10", 1.0, 1, 4, 50
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(a)
-    print(render(result["summary"]))
+    print(render(result["summary"], a.aws))
     if not a.no_write:
         print(f"results: {write_results('callbacks', result)}")
     return 0

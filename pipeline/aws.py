@@ -12,9 +12,20 @@ from aiobotocore.session import get_session
 
 from pipeline.settings import AwsSettings
 
+UNVALIDATED_SERVICES = frozenset({"dynamodb", "sqs"})
+"""Clients whose requests botocore does not validate against the service model before sending (see
+:func:`client_config`)."""
 
-def client_config(aws: AwsSettings) -> AioConfig:
-    """Timeouts and retry policy for every AWS client, set in one place."""
+
+def client_config(aws: AwsSettings, *, validate_params: bool = True) -> AioConfig:
+    """Timeouts and retry policy for every AWS client, set in one place.
+
+    ``validate_params=False`` skips botocore's client-side check of each request's parameters against the
+    service model (~0.04 of ~0.95 ms CPU per UpdateItem here). :func:`open_clients` turns it off for DynamoDB and
+    SQS, the two calls of every accepted callback: every parameter we send them is built by our own typed code
+    (``pipeline.dynamo``'s codec and expression builder, ``pipeline.workqueue``'s clamped counts), and the
+    services validate each request themselves; a request they refuse still raises ``ClientError``.
+    """
     return AioConfig(
         connect_timeout=aws.connect_timeout_s,
         read_timeout=aws.read_timeout_s,
@@ -23,12 +34,13 @@ def client_config(aws: AwsSettings) -> AioConfig:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"payload_signing_enabled": aws.s3_payload_signing},
+        parameter_validation=validate_params,
     )
 
 
-def client_kwargs(aws: AwsSettings) -> dict[str, Any]:
+def client_kwargs(aws: AwsSettings, *, validate_params: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``session.create_client`` (region, endpoint, credentials, config)."""
-    kw: dict[str, Any] = {"region_name": aws.region, "config": client_config(aws)}
+    kw: dict[str, Any] = {"region_name": aws.region, "config": client_config(aws, validate_params=validate_params)}
     if aws.endpoint_url:
         kw["endpoint_url"] = aws.endpoint_url
     if aws.access_key_id and aws.secret_access_key:
@@ -51,9 +63,9 @@ class AwsClients:
 async def open_clients(stack: AsyncExitStack, aws: AwsSettings) -> AwsClients:
     """Create every client on ``stack``; they close when the stack does."""
     session = get_session()
-    kw = client_kwargs(aws)
 
     async def make(service: str) -> Any:
+        kw = client_kwargs(aws, validate_params=service not in UNVALIDATED_SERVICES)
         return await stack.enter_async_context(session.create_client(service, **kw))
 
     return AwsClients(

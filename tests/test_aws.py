@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError, ParamValidationError
 
 from pipeline.aws import AwsClients, client_kwargs
 from pipeline.settings import AwsSettings
@@ -19,6 +20,22 @@ async def test_clients_reach_moto(aws: AwsClients, bucket: str) -> None:
         assert await body.read() == b"hello"
     q = await aws.sqs.create_queue(QueueName="smoke-q")
     assert q["QueueUrl"]
+
+
+async def test_callback_path_clients_leave_parameter_checks_to_the_service(aws: AwsClients) -> None:
+    """DynamoDB and SQS, the two calls of every accepted callback, skip botocore's client-side parameter
+    validation (our own code builds every parameter they get): a request missing a required parameter goes out,
+    and the service's refusal comes back as a ClientError, which our wrappers translate as before. The other
+    clients still refuse such a request before sending it."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ClientError):
+        await aws.dynamodb.update_item(TableName=missing)  # no Key
+    with pytest.raises(ClientError):
+        await aws.sqs.send_message_batch(QueueUrl=f"{aws.sqs.meta.endpoint_url}/123456789012/{missing}")  # no Entries
+    with pytest.raises(ParamValidationError):
+        await aws.s3.put_object(Key="k")  # no Bucket
+    with pytest.raises(ParamValidationError):
+        await aws.sns.publish(TopicArn=f"arn:aws:sns:us-east-1:123456789012:{missing}")  # no Message
 
 
 @pytest.mark.parametrize("signing", [False, True])

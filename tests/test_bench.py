@@ -124,6 +124,17 @@ def test_callbacks_quick(tmp_path: Path) -> None:
     assert [r["sustained_per_s"] > 0 for r in runs if r["target"] == "emulator"] == [True]
     ours = [r for r in runs if r["target"] == "ours"]
     assert all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)  # authenticated, enqueued
+    assert all(r["server_cpu_ms_per_ok"] > 0 for r in ours)
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_quick_against_the_aws_stub(tmp_path: Path) -> None:
+    result = run_bench("bench.callbacks", tmp_path, "--aws", "stub", "--aws-latency-ms", "1,2")
+    assert (result["aws"], result["aws_latency_ms"]) == ("stub", [1.0, 2.0])
+    ours = [r for r in result["runs"] if r["target"] == "ours"]
+    assert ours and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)
+    for r in ours:  # one UpdateItem per accepted callback; SQS messages go at most one per call
+        assert r["aws_calls_per_ok"]["UpdateItem"] == 1 and 0 < r["aws_calls_per_ok"]["SendMessageBatch"] <= 1
 
 
 @pytest.mark.timeout(60)
