@@ -183,10 +183,7 @@ class CallbackAuthenticator:
     """Applies the module's policy to one request (see the module docstring)."""
 
     def __init__(self, settings: SecuritySettings, signer: TokenSigner) -> None:
-        if (settings.basic_user is None) != (settings.basic_password is None):
-            raise ValueError("basic_user and basic_password must be set together")
-        parse_networks(settings.allow_cidrs)
-        parse_networks(settings.trusted_proxies)
+        # SecuritySettings has already checked the networks and the Basic pair (at start-up).
         self._settings = settings
         self._signer = signer
 

@@ -6,9 +6,10 @@ Every variable starts with ``AQUA_PIPELINE_``; nested groups use ``__``, e.g.
 
 from __future__ import annotations
 
-from typing import Literal
+import ipaddress
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "AQUA_PIPELINE_"
@@ -133,6 +134,22 @@ class SecuritySettings(_Group):
     allow_cidrs: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
     admin_token: SecretStr | None = None
+
+    @field_validator("allow_cidrs", "trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP network: {cidr!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _basic_pair(self) -> Self:
+        if (self.basic_user is None) != (self.basic_password is None):
+            raise ValueError("basic_user and basic_password must be set together")
+        return self
 
 
 class ReconcilerSettings(_Group):

@@ -39,3 +39,21 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(Exception):  # noqa: B017
         s.s3.bucket = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("AQUA_PIPELINE_SECURITY__ALLOW_CIDRS", '["10.0.0.0/8", "10.0.0.300/32"]', "not an IP network: '10.0.0.300/32'"),
+        ("AQUA_PIPELINE_SECURITY__TRUSTED_PROXIES", '["proxy.internal"]', "not an IP network: 'proxy.internal'"),
+        ("AQUA_PIPELINE_SECURITY__BASIC_USER", "zuora", "basic_user and basic_password must be set together"),
+    ],
+)
+def test_bad_callback_security_stops_start_up(variable: str, value: str, said: str) -> None:
+    """Caught at start-up: the callback route would otherwise answer every callback 500."""
+    os.environ[variable] = value
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert said in str(err.value)
+    if "BASIC" not in variable:
+        assert variable in str(err.value)
