@@ -44,7 +44,7 @@ def test_settings_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [
-        ("AQUA_PIPELINE_SECURITY__ALLOW_CIDRS", '["10.0.0.0/8", "10.0.0.300/32"]', "not an IP network: '10.0.0.300/32'"),
+        ("AQUA_PIPELINE_SECURITY__ALLOW_CIDRS", '["10.0.0.0/8", "10.0.0.300/32"]', "network: '10.0.0.300/32'"),
         ("AQUA_PIPELINE_SECURITY__TRUSTED_PROXIES", '["proxy.internal"]', "not an IP network: 'proxy.internal'"),
         ("AQUA_PIPELINE_SECURITY__BASIC_USER", "zuora", "basic_user and basic_password must be set together"),
     ],
