@@ -174,20 +174,23 @@ class KeyWatcher:
     rounds: int = 0
     _task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
+    async def _list_once(self) -> None:
         s3 = self.stack.clients.s3
         bucket = self.stack.settings.s3.bucket
+        token: dict[str, str] = {}
         while True:
-            token: dict[str, str] = {}
-            while True:
-                resp = await s3.list_objects_v2(Bucket=bucket, **token)
-                for obj in resp.get("Contents", []):
-                    if "/_manifests/" not in obj["Key"]:
-                        self.sightings[obj["Key"]].add(int(obj["Size"]))
-                if not resp.get("IsTruncated"):
-                    break
-                token = {"ContinuationToken": resp["NextContinuationToken"]}
-            self.rounds += 1
+            resp = await s3.list_objects_v2(Bucket=bucket, **token)
+            for obj in resp.get("Contents", []):
+                if "/_manifests/" not in obj["Key"]:
+                    self.sightings[obj["Key"]].add(int(obj["Size"]))
+            if not resp.get("IsTruncated"):
+                break
+            token = {"ContinuationToken": resp["NextContinuationToken"]}
+        self.rounds += 1
+
+    async def _run(self) -> None:
+        while True:
+            await self._list_once()
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> KeyWatcher:
@@ -201,6 +204,7 @@ class KeyWatcher:
             await self._task
         except asyncio.CancelledError:
             pass
+        await self._list_once()  # a job may have landed since the last round: every final object is sighted once
 
     def check(self, expected_sizes: dict[str, int]) -> int:
         """Every key ever seen is a key of some manifest, always at its full size; returns sightings checked."""
