@@ -1,9 +1,11 @@
-"""A stand-in for the two AWS calls of an accepted callback, for ``python -m bench.callbacks --aws stub``:
-DynamoDB ``UpdateItem`` and SQS ``SendMessageBatch`` (both AWS JSON 1.0), answered over keep-alive HTTP with
-the shapes AWS answers with, after an optional fixed latency per call.
+"""A stand-in for the AWS calls of an accepted callback, for ``python -m bench.callbacks --aws stub``: DynamoDB
+``UpdateItem`` and ``TransactWriteItems`` (the fast path, batched under load) and SQS ``SendMessageBatch`` (all
+AWS JSON 1.0), answered over keep-alive HTTP with the shapes AWS answers with, after an optional fixed latency per
+call (DynamoDB's for both DynamoDB operations).
 
 It decides nothing: every ``UpdateItem`` finds a submitted job (``ReturnValues`` ``ALL_OLD``: the item the
-submitter's ``record_submission`` writes, its ``request`` included) and every message is stored. What it is for:
+submitter's ``record_submission`` writes, its ``request`` included), every transaction succeeds, and every message
+is stored. ``GET /__calls`` also counts the items of the transactions (``TransactWriteItems:items``). What it is for:
 measuring the receiver's own CPU and latency at rates moto cannot serve (moto tops out near 40 callbacks/s on
 this machine and closes the connection after every response, so each AWS call there also pays a TCP connect).
 The receiver still reaches it only through aiobotocore, signing included. Anything else gets a 400.
@@ -59,7 +61,7 @@ def submitted_item(job_id: dict[str, Any], now: float) -> dict[str, Any]:
 def create_app(ddb_latency_s: float = 0.0, sqs_latency_s: float = 0.0) -> web.Application:
     """The stub's aiohttp application; ``GET /__calls`` answers how many of each operation it has answered."""
     calls: dict[str, int] = {}
-    latency = {"UpdateItem": ddb_latency_s, "SendMessageBatch": sqs_latency_s}
+    latency = {"UpdateItem": ddb_latency_s, "TransactWriteItems": ddb_latency_s, "SendMessageBatch": sqs_latency_s}
 
     async def handle(request: web.Request) -> web.Response:
         op = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
@@ -72,6 +74,10 @@ def create_app(ddb_latency_s: float = 0.0, sqs_latency_s: float = 0.0) -> web.Ap
         headers = {"x-amzn-RequestId": str(uuid.uuid4())}
         if op == "UpdateItem":
             out = orjson.dumps({"Attributes": submitted_item(body["Key"]["job_id"], time.time())})
+            headers["x-amz-crc32"] = str(zlib.crc32(out))
+        elif op == "TransactWriteItems":
+            calls["TransactWriteItems:items"] = calls.get("TransactWriteItems:items", 0) + len(body["TransactItems"])
+            out = b"{}"
             headers["x-amz-crc32"] = str(zlib.crc32(out))
         else:
             ok = [

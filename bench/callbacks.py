@@ -5,8 +5,8 @@ As in production, the callbacks are for jobs we submitted: before any run, a poo
 recorded in the ledger as the submitter records them (``bind_submission`` + ``record_submission``), and their
 notifyUrls, with real tokens minted with the service's signing key, are written to a file that the generator
 cycles through (a job called back again is an AQuA retry: the same AWS calls). So the receiver does the full
-work of an accepted callback: verify token -> the ledger's fast path (one conditional UpdateItem, DynamoDB on
-moto) -> durable ``SendMessage`` (SQS on moto) -> 202. The bare handler ignores what the URLs say. The
+work of an accepted callback: verify token -> the ledger's fast path (one conditional UpdateItem, or under load a
+share of one TransactWriteItems; DynamoDB on moto) -> durable ``SendMessageBatch`` (SQS on moto) -> 202. The bare handler ignores what the URLs say. The
 generator runs in its own process, sends at a constant arrival rate (open loop: latency is measured from each
 request's *scheduled* time, so a slow server cannot slow the generator down and hide its queueing), and a
 closed-loop saturation run gives the sustained ceiling. CPU of the receiver and of moto is sampled from
@@ -351,9 +351,11 @@ async def _purge(settings: Any) -> None:
 async def _emulator_ceiling(
     settings: Any, pool: list[tuple[str, str]], *, duration: float, concurrency: int
 ) -> dict[str, Any]:
-    """The emulator's own ceiling: the AWS calls one accepted callback makes (the ledger's fast-path
-    UpdateItem on a seeded job, then enqueue the work message), issued directly with no HTTP receiver in front."""
+    """The emulator's own ceiling: the AWS calls one accepted callback makes (the ledger's fast path on a seeded
+    job, batched as the receiver batches it, then enqueue the work message), issued directly with no HTTP receiver
+    in front."""
     from pipeline.aws import open_clients
+    from pipeline.callback_batch import TokenCallbackBatcher
     from pipeline.ledger import JobLedger
     from pipeline.models import WorkMessage
     from pipeline.workqueue import WorkQueue
@@ -362,6 +364,7 @@ async def _emulator_ceiling(
     async with AsyncExitStack() as stack:
         clients = await open_clients(stack, settings.aws)
         ledger = JobLedger(clients.dynamodb, settings.ledger)
+        fast_path = TokenCallbackBatcher(ledger, max_items=settings.ledger.callback_batch_items)
         queue = WorkQueue(clients.sqs, settings.queue.work_queue_url)
         jobs = cycle(pool)
         deadline = time.monotonic() + duration
@@ -370,7 +373,7 @@ async def _emulator_ceiling(
             while time.monotonic() < deadline:
                 job_id, submission_id = next(jobs)
                 t = time.perf_counter()
-                record = await ledger.record_token_callback(
+                record = await fast_path.record(
                     job_id, submission_id=submission_id, status="completed", notification_id=None
                 )
                 if record is None:

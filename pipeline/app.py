@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from pipeline.aqua.client import AquaClient
 from pipeline.aws import AwsClients, open_clients
 from pipeline.callback_auth import CallbackAuthenticator
+from pipeline.callback_batch import TokenCallbackBatcher
 from pipeline.callbacks import CallbackHandler, error_response, json_response
 from pipeline.csvcheck import DEFAULT_ENGINE
 from pipeline.errors import PipelineError
@@ -58,6 +59,7 @@ class Components:
 SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 COMPONENTS_KEY = web.AppKey("components", Components)
+CALLBACKS_KEY = web.AppKey("callbacks", CallbackHandler)
 WORKER_KEY = web.AppKey("worker", Worker)
 STATE_KEY = web.AppKey("state", dict)
 
@@ -109,7 +111,14 @@ def create_app(
 
     async def components_ctx(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            app[COMPONENTS_KEY] = await build_components(settings, stack, metrics)
+            c = app[COMPONENTS_KEY] = await build_components(settings, stack, metrics)
+            app[CALLBACKS_KEY] = CallbackHandler(
+                authenticator=CallbackAuthenticator(settings.security, c.signer),
+                ledger=c.ledger,
+                fast_path=TokenCallbackBatcher(c.ledger, max_items=settings.ledger.callback_batch_items),
+                queue=c.queue,
+                metrics=metrics,
+            )
             yield
 
     async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -161,14 +170,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     """The public routes: callbacks, health, readiness, metrics; the admin API under /admin/."""
 
     async def callback(request: web.Request) -> web.StreamResponse:
-        c = request.app[COMPONENTS_KEY]
-        handler = CallbackHandler(
-            authenticator=CallbackAuthenticator(settings.security, c.signer),
-            ledger=c.ledger,
-            queue=c.queue,
-            metrics=request.app[METRICS_KEY],
-        )
-        return await handler(request)
+        return await request.app[CALLBACKS_KEY](request)
 
     app.router.add_route("GET", settings.http.callback_path, callback)
     app.router.add_route("POST", settings.http.callback_path, callback)

@@ -117,9 +117,37 @@ class DynamoTable:
         returns_on_failure: bool = False,
     ) -> dict[str, Any]:
         """One UpdateItem with ``e``'s placeholders; raises :class:`ConditionFailed` when ``condition`` fails."""
-        kw: dict[str, Any] = {"Key": dict(key), "UpdateExpression": update, "ReturnValues": returns, **e.kwargs()}
-        if condition is not None:
-            kw["ConditionExpression"] = condition
+        kw = self._update_params(key, e, update, condition=condition)
+        kw["ReturnValues"] = returns
         if returns_on_failure:
             kw["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         return await self._call("update_item", **kw)
+
+    @staticmethod
+    def _update_params(key: Mapping[str, Any], e: Expr, update: str, *, condition: str | None = None) -> dict[str, Any]:
+        """The parameters an UpdateItem and a TransactWriteItems ``Update`` entry share (no table name)."""
+        kw: dict[str, Any] = {"Key": dict(key), "UpdateExpression": update, **e.kwargs()}
+        if condition is not None:
+            kw["ConditionExpression"] = condition
+        return kw
+
+    async def _transact_updates(self, updates: list[dict[str, Any]], request_token: str) -> list[str] | None:
+        """One TransactWriteItems of ``updates`` (from :meth:`_update_params`), all or nothing.
+
+        None when every update was written. When DynamoDB cancelled the transaction, nothing was written and the
+        answer is each update's cancellation code, in order: ``ConditionalCheckFailed`` (its condition did not
+        hold), ``None`` (it was fine; another one cancelled the transaction), ``TransactionConflict`` (an item was
+        being written at the same time), or another code. ``request_token`` makes botocore's own retries of the
+        call idempotent (DynamoDB's ``ClientRequestToken``). Any other failure raises :class:`LedgerError`.
+        """
+        items = [{"Update": {"TableName": self._table, **u}} for u in updates]
+        try:
+            await self._ddb.transact_write_items(TransactItems=items, ClientRequestToken=request_token)
+            return None
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise LedgerError(f"dynamodb transact_write_items on {self._table} failed: {exc}") from exc
+            reasons = exc.response.get("CancellationReasons") or []
+            return [str((reasons[i] if i < len(reasons) else {}).get("Code", "None")) for i in range(len(updates))]
+        except BotoCoreError as exc:
+            raise LedgerError(f"dynamodb transact_write_items on {self._table} failed: {exc}") from exc

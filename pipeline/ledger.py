@@ -15,9 +15,11 @@ serialise stateful AQuA sessions in the same table.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -141,12 +143,32 @@ class LedgerItem:
 
 @dataclass(frozen=True)
 class CallbackRecord:
-    """What :meth:`JobLedger.record_callback` found: whether the notification id was already seen."""
+    """What :meth:`JobLedger.record_callback` found: whether the notification id was already seen.
+    ``callback_count`` (this one included) is None when the callback was counted in a batch."""
 
     duplicate: bool
     state: JobState
     created: bool
-    callback_count: int
+    callback_count: int | None
+
+
+@dataclass(frozen=True)
+class TokenCallback:
+    """A callback for the token fast path: the job, the verified token's submission, what it said."""
+
+    job_id: str
+    submission_id: str
+    status: str | None
+    notification_id: str | None = None
+
+
+class Retry(enum.Enum):
+    """:meth:`JobLedger.record_token_callbacks`: not counted, for no fault of this callback; count it again."""
+
+    RETRY = "retry"
+
+
+RETRY = Retry.RETRY
 
 
 def _callback_record(
@@ -267,19 +289,42 @@ class JobLedger(SessionLedger):
             return None
         return _callback_record(old, JobState.notified, old is None, notification_id)
 
-    async def _count_callback(
+    async def record_token_callbacks(self, calls: Sequence[TokenCallback]) -> list[CallbackRecord | Retry | None]:
+        """The fast path of :meth:`record_token_callback` for several callbacks of distinct jobs, none with a
+        notification id, in one TransactWriteItems (all or nothing).
+
+        For each: its :class:`CallbackRecord` when counted (``callback_count`` is None: a transaction returns no
+        old item), None when its condition did not hold (take the general path, as for
+        :meth:`record_token_callback`), or :data:`RETRY` when the transaction was cancelled for another reason
+        (another callback's condition, a conflicting write): nothing of it was written; count it again.
+        """
+        if not calls:
+            return []
+        if len({c.job_id for c in calls}) != len(calls) or any(c.notification_id is not None for c in calls):
+            raise ValueError("batched token callbacks must be of distinct jobs and carry no notification id")
+        now = self._clock()
+        updates = []
+        for c in calls:
+            e, update, cond = self._callback_update(
+                now, c.status, None, set_notified=True, submission_id=c.submission_id
+            )
+            updates.append(self._update_params({"job_id": {"S": c.job_id}}, e, update, condition=cond))
+        codes = await self._transact_updates(updates, request_token=uuid.uuid4().hex)
+        if codes is None:
+            counted = CallbackRecord(duplicate=False, state=JobState.notified, created=False, callback_count=None)
+            return [counted] * len(calls)
+        return [None if code == "ConditionalCheckFailed" else RETRY for code in codes]
+
+    def _callback_update(
         self,
-        job_id: str,
         now: float,
         status: str | None,
         notification_id: str | None,
         *,
         set_notified: bool,
         submission_id: str | None = None,
-    ) -> LedgerItem | None:
-        """One UpdateItem counting a callback (ALL_OLD). ``set_notified``: also move the state to ``notified``,
-        only while it is submitted/notified (or the item is new; with ``submission_id``, only on an existing item
-        recorded under that submission), raising :class:`ConditionFailed` otherwise."""
+    ) -> tuple[Expr, str, str]:
+        """The update and condition expressions that count one callback (see :meth:`_count_callback`)."""
         e = Expr()
         sets = [e.sets({"updated_at": now, "expires_at": self._expires(now)})]
         if status is not None:
@@ -299,14 +344,26 @@ class JobLedger(SessionLedger):
         else:
             sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
             cond = f"attribute_exists({e.n('job_id')})"
+        return e, f"SET {', '.join(sets)} ADD {', '.join(adds)}", cond
+
+    async def _count_callback(
+        self,
+        job_id: str,
+        now: float,
+        status: str | None,
+        notification_id: str | None,
+        *,
+        set_notified: bool,
+        submission_id: str | None = None,
+    ) -> LedgerItem | None:
+        """One UpdateItem counting a callback (ALL_OLD). ``set_notified``: also move the state to ``notified``,
+        only while it is submitted/notified (or the item is new; with ``submission_id``, only on an existing item
+        recorded under that submission), raising :class:`ConditionFailed` otherwise."""
+        e, update, cond = self._callback_update(
+            now, status, notification_id, set_notified=set_notified, submission_id=submission_id
+        )
         try:
-            resp = await self._update(
-                {"job_id": {"S": job_id}},
-                e,
-                f"SET {', '.join(sets)} ADD {', '.join(adds)}",
-                condition=cond,
-                returns="ALL_OLD",
-            )
+            resp = await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_OLD")
         except ConditionFailed:
             if set_notified:
                 raise

@@ -8,6 +8,7 @@ botocore ``before-call`` hook, so a fallback that ran would show up as extra cal
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,3 +120,24 @@ async def test_other_token_callbacks_take_the_general_path(moto_server: MotoServ
         assert (item.state, item.callback_count, item.submission_id) == (JobState.notified, 2, sid)
         item_a = await c.ledger.get(job_a)
         assert item_a is not None and item_a.callback_count == 0
+
+
+async def test_concurrent_token_callbacks_share_ledger_transactions(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
+        c = stack.components
+        jobs: list[tuple[str, str]] = []
+        for _ in range(30):  # recorded as the submitter records them
+            job_id, sid = uuid.uuid4().hex, new_submission_id()
+            await c.ledger.bind_submission(sid, job_id)
+            await c.ledger.record_submission(job_id, submission_id=sid, job_name="n", partner=None, project=None)
+            jobs.append((job_id, c.signer.issue(sid).token))
+        async with aiohttp.ClientSession() as http:
+            with dynamodb_calls(stack) as ops:
+                answers = await asyncio.gather(*(call(http, "GET", callback_url(stack, j, t)) for j, t in jobs))
+        assert answers == [(202, {"accepted": True, "job_id": j}) for j, _ in jobs]
+        assert "TransactWriteItems" in ops and len(ops) < len(jobs)  # callbacks that overlapped went together
+        assert set(ops) <= {"UpdateItem", "TransactWriteItems"}  # no general-path fallback
+        assert await c.queue.depth() == len(jobs)
+        for job_id, _ in jobs:
+            item = await c.ledger.get(job_id)
+            assert item is not None and (item.state, item.callback_count) == (JobState.notified, 1)

@@ -33,7 +33,10 @@ async def replicas_scenario(moto_url: str, fleet: Fleet, *, jobs: int, budget_s:
     cfg = SimulatorConfig(rows={"Account": 300}, step_delay_s=0.01, max_concurrent_jobs=1000)
     cfg.faults.duplicate_callbacks = 2
     async with (
-        running_stack(moto_url, sim_config=cfg, tweak=via_balancer, run_worker=False) as stack,
+        # DynamoDB serialized (the fault proxy, for every replica): moto checks a transaction's conditions and
+        # then writes, unlocked, so a worker's claim can land in between and be overwritten, which real
+        # DynamoDB's transactions never allow; the receivers' batched callback counts made that window wide.
+        running_stack(moto_url, sim_config=cfg, tweak=via_balancer, run_worker=False, atomic_dynamodb=True) as stack,
         round_robin(replicas, balancer_port),
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
