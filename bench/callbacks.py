@@ -6,19 +6,26 @@ recorded in the ledger as the submitter records them (``bind_submission`` + ``re
 notifyUrls, with real tokens minted with the service's signing key, are written to a file that the generator
 cycles through (a job called back again is an AQuA retry: the same AWS calls). So the receiver does the full
 work of an accepted callback: verify token -> the ledger's fast path (one conditional UpdateItem, or under load a
-share of one TransactWriteItems; DynamoDB on moto) -> durable ``SendMessageBatch`` (SQS on moto) -> 202. The bare handler ignores what the URLs say. The
-generator runs in its own process, sends at a constant arrival rate (open loop: latency is measured from each
-request's *scheduled* time, so a slow server cannot slow the generator down and hide its queueing), and a
-closed-loop saturation run gives the sustained ceiling. CPU of the receiver and of moto is sampled from
-``/proc`` to say what bounds each figure; the receiver's CPU is also given per accepted callback (its user+sys
-CPU seconds over the run / the callbacks it answered 2xx), which does not depend on how fast AWS answers.
+share of one TransactWriteItems; DynamoDB on moto) -> durable ``SendMessageBatch`` (SQS on moto) -> 202. The
+bare handler ignores what the URLs say. The generator runs in its own process, sends at a constant arrival rate
+(open loop: latency is measured from each request's *scheduled* time, so a slow server cannot slow the generator
+down and hide its queueing), and a closed-loop saturation run gives the sustained ceiling. CPU of the receiver
+and of moto is sampled from ``/proc`` to say what bounds each figure; the receiver's CPU is also given per accepted
+callback (its user+sys CPU seconds over the run / the callbacks it answered 2xx), which does not depend on how fast
+AWS answers.
 
-With ``--aws stub`` the AWS side is :mod:`bench.awsstub` instead of moto: a keep-alive stand-in for the two calls
+With ``--aws stub`` the AWS side is :mod:`bench.awsstub` instead of moto: a keep-alive stand-in for those calls
 (every UpdateItem finds a submitted job, every message is stored), optionally after a fixed latency per call
 (``--aws-latency-ms DYNAMODB,SQS``), so the receiver can be measured at rates moto cannot serve. Nothing is
 seeded then (the stub answers any job id); the figures say what the receiver costs, not what AWS allows.
 
-    python -m bench.callbacks --rates 100,500,1000 --duration 15
+Under load the receiver counts overlapping callbacks in one DynamoDB TransactWriteItems
+(``LEDGER__CALLBACK_BATCH_ITEMS``, see :mod:`pipeline.callback_batch`). moto implements a transaction by deep-copying
+the whole table once per item in it, so against the seeded pool of 2,000 jobs (4,000 items) every transaction
+costs moto seconds: run the moto matrix with ``--ledger-batch-items 1`` (one UpdateItem per callback), and the stub
+matrix with the default.
+
+    python -m bench.callbacks --rates 100,500,1000 --duration 15 --ledger-batch-items 1
     python -m bench.callbacks --aws stub --aws-latency-ms 4,8 --rates 200,500 --duration 15
     python -m bench.callbacks --quick [--aws stub]
 """
@@ -327,6 +334,9 @@ def _load(url: str, urls_file: Path, *, rate: float | None, duration: float, con
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("p50_ms", "p99_ms", "max_ms"):  # JSON has no NaN: orjson wrote null when nothing was answered
+        if result.get(key) is None:
+            result[key] = float("nan")
     return result
 
 
@@ -435,6 +445,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             pool = asyncio.run(_seed(settings, a.pool))
             print(f"  seeded {len(pool)} submitted jobs in {time.monotonic() - t0:.1f}s", flush=True)
+        if a.ledger_batch_items is not None:
+            ledger = settings.ledger.model_copy(update={"callback_batch_items": a.ledger_batch_items})
+            settings = settings.model_copy(update={"ledger": ledger})
         write_urls(settings, pool, urls_file)
         purge = not stubbed and not a.quick  # moto slows as the unconsumed queue grows: start each run clean
         service = ServiceProcess(settings, tmp / "service.log").start()
@@ -498,6 +511,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "aws": a.aws,
         "aws_latency_ms": list(latency_ms) if stubbed else None,
+        "ledger_callback_batch_items": settings.ledger.callback_batch_items,
         "summary": summarize(runs),
         "runs": runs,
     }
@@ -592,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
         "--aws-latency-ms",
         default="0",
         help="with --aws stub: the stub's latency per call, DYNAMODB,SQS milliseconds (one number: both)",
+    )
+    p.add_argument(
+        "--ledger-batch-items",
+        type=int,
+        metavar="N",
+        help="the service's LEDGER__CALLBACK_BATCH_ITEMS (default: its own default); 1: no transactions. On moto, "
+        "use 1: moto copies the whole table for every item of a TransactWriteItems",
     )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)

@@ -10,6 +10,8 @@ Variants, each run in a fresh child process so its CPU time and peak RSS are its
 * ``ours_gzip`` (with ``--transport-gzip``): ours, with the simulator gzipping the transport.
 * ``ours_noverify`` and ``ours_signed`` (only when named in ``--variants``): ours with record-count and CSV-shape
   verification off, and ours with S3 payload signing on; they say what each costs.
+* ``ours_tree`` (with ``--tree DIR``): ours as another source tree has it (an older commit, say), to measure a
+  change side by side with what it replaced.
 
 The simulator and the S3 server run as their own processes; the variants are interleaved per repetition (A, B,
 ours, A, B, ours, ...) so background noise is shared fairly, and the table reports medians. The S3 server is moto
@@ -19,6 +21,7 @@ repetition, on the same simulator file; "x ours" is always to ours on the same s
 
     python -m bench.transfer --sizes 256MiB,1GiB,4GiB --repeat 3
     python -m bench.transfer --sizes 256MiB --s3 moto,rclone    # rclone on PATH, or --rclone PATH
+    python -m bench.transfer --sizes 1GiB --variants ours,ours_tree --tree /tmp/aqua-old
     python -m bench.transfer --quick
 """
 
@@ -37,6 +40,7 @@ import time
 import urllib.parse
 import urllib.request
 from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -118,7 +122,7 @@ def _whole_body(a: argparse.Namespace) -> int:
     return 0
 
 
-OURS = ("ours", "ours_gzip", "ours_noverify", "ours_signed")
+OURS = ("ours", "ours_gzip", "ours_noverify", "ours_signed", "ours_tree")
 
 
 async def _ours(a: argparse.Namespace, *, gzip: bool) -> int:
@@ -202,11 +206,20 @@ def rows_for(sim: str, token: str, size: int) -> int:
     return max(1, round(size * probe / probe_size))
 
 
-def _child(variant: str, sim: str, s3_url: str, bucket: str, file_id: str, records: int) -> dict[str, Any]:
+def _child(
+    variant: str, sim: str, s3_url: str, bucket: str, file_id: str, records: int, tree: str | None = None
+) -> dict[str, Any]:
+    """One measured transfer in a fresh process; ``ours_tree`` is ``ours`` run from the source tree ``tree``."""
     key = f"bench/{variant}/{file_id}.csv"
-    cmd = [sys.executable, "-m", "bench.transfer", "--child", variant, "--sim", sim, "--s3-url", s3_url]
+    env, cwd = None, None
+    if variant == "ours_tree":
+        if not tree:
+            raise ValueError("the ours_tree variant needs --tree DIR")
+        env, cwd = {**os.environ, "PYTHONPATH": tree}, tree
+    child = "ours" if variant == "ours_tree" else variant
+    cmd = [sys.executable, "-m", "bench.transfer", "--child", child, "--sim", sim, "--s3-url", s3_url]
     cmd += ["--bucket", bucket, "--key", key, "--file-id", file_id, "--records", str(records)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = orjson.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     variants = [*BASELINES, "ours"] + (["ours_gzip"] if args.transport_gzip else [])
+    variants += ["ours_tree"] if args.tree else []
     if args.variants:
         variants = [v for v in [*BASELINES, *OURS] if v in args.variants.split(",")]
     names = server_names(args.s3)
@@ -258,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     s3, s3_pid = clients[name], pids[name]
                     for variant in variants:
                         helpers = cpu_s_of(sim_pid), cpu_s_of(s3_pid)
-                        r = _child(variant, sim, servers[name].url, bucket, file_id, per_row[size])
+                        r = _child(variant, sim, servers[name].url, bucket, file_id, per_row[size], args.tree)
                         r["sim_cpu_s"] = cpu_s_of(sim_pid) - helpers[0]
                         r["s3_cpu_s"] = cpu_s_of(s3_pid) - helpers[1]
                         head = s3.head_object(Bucket=bucket, Key=r["key"])
@@ -364,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         "--s3", default="moto", help=f"S3 servers to run everything against, comma-separated ({','.join(S3_SERVERS)})"
     )
     p.add_argument("--rclone", metavar="PATH", help="rclone (>= 1.65) for --s3 rclone (default: $RCLONE, then PATH)")
+    p.add_argument(
+        "--tree",
+        metavar="DIR",
+        help="add ours_tree: ours run from another source tree (e.g. an older commit: git archive REF pipeline bench "
+        "| tar -x -C DIR, plus its built pipeline/_csvscan*.so), interleaved with the rest",
+    )
     p.add_argument("--child", choices=[*BASELINES, *OURS], help=argparse.SUPPRESS)
     for name in ("--sim", "--s3-url", "--bucket", "--key", "--file-id"):
         p.add_argument(name, help=argparse.SUPPRESS)
@@ -373,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(args)
     if args.quick:
         args.sizes, args.repeat = "8MiB", 1
+    if args.variants and "ours_tree" in args.variants.split(",") and not args.tree:
+        p.error("the ours_tree variant needs --tree DIR")
+    if args.tree and not (Path(args.tree) / "pipeline" / "transfer.py").is_file():
+        p.error(f"--tree {args.tree}: no pipeline/transfer.py there")
     try:
         if "rclone" in server_names(args.s3):
             find_rclone(args.rclone)  # fail before any process starts

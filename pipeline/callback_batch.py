@@ -14,7 +14,8 @@ exactly once or refused, whatever the mix. Callbacks with a ``Zuora-Notification
 the single call: their de-duplication needs the item as it was before, which a transaction does not return.
 
 Cost against real DynamoDB: a transactional write consumes twice the write capacity of a plain one, for items
-of a few hundred bytes; it only happens when callbacks overlap.
+of a few hundred bytes; it only happens when callbacks overlap. IAM authorizes each ``Update`` of a transaction as
+``dynamodb:UpdateItem``, which the task role in ``infra/`` already grants.
 """
 
 from __future__ import annotations

@@ -55,6 +55,24 @@ def test_transfer_quick(tmp_path: Path) -> None:
     assert {s["server"] for s in result["summary"]} == {"moto"} and rows["ours"]["ratio_to_ours"] == 1
 
 
+def test_transfer_quick_against_another_tree(tmp_path: Path) -> None:
+    # This very tree as the "other" one: the variant runs from it, interleaved, and lands the same bytes.
+    result = run_bench("bench.transfer", tmp_path, "--variants", "ours,ours_tree", "--tree", str(Path.cwd()))
+    rows = {s["variant"]: s for s in result["summary"]}
+    assert set(rows) == {"ours", "ours_tree"} and rows["ours_tree"]["bytes"] == rows["ours"]["bytes"]
+    tree_runs = [r for r in result["runs"] if r["variant"] == "ours_tree"]
+    assert tree_runs and tree_runs[0]["records"] > 0
+
+
+def test_transfer_tree_option_errors(tmp_path: Path, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.transfer.main(["--quick", "--variants", "ours,ours_tree"])
+    assert exit_info.value.code == 2 and "needs --tree DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.transfer.main(["--quick", "--tree", str(tmp_path)])
+    assert exit_info.value.code == 2 and "no pipeline/transfer.py there" in capsys.readouterr().err
+
+
 def _rclone_or_skip() -> None:
     try:
         find_rclone()

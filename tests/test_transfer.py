@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import transfer as transfer_module
 from pipeline.aws import AwsClients
 from pipeline.errors import AquaUnavailable, IntegrityError, StorageError
 from pipeline.models import FileSource
@@ -220,6 +221,38 @@ async def test_memory_stays_bounded_and_parts_in_flight_are_capped(aws: AwsClien
     assert calls.max_in_flight["UploadPart"] <= 2
     assert 5 * MIB < stats.peak_buffered_bytes <= 5 * MIB * (2 + 1) + CHUNK
     assert stats.buffered_bytes == 0
+
+
+async def test_part_buffers_are_reused(aws: AwsClients, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many parts, at most parts_in_flight + 1 buffers are ever filled (each part is copied into memory
+    already touched), and every byte still lands in order."""
+    handed_out: list[bytearray] = []  # kept alive, so identities stay distinct
+    take = transfer_module._PartBuffers.take
+
+    def recording_take(self: Any, size: int) -> bytearray:
+        buf = take(self, size)
+        handed_out.append(buf)
+        return buf
+
+    monkeypatch.setattr(transfer_module._PartBuffers, "take", recording_take)
+    data = random.Random(3).randbytes(42 * MIB)
+    engine = S3Transfer(aws.s3, s3_settings(parts_in_flight=2))
+    stored = await engine.store(source(data), spec(bucket, "r.zip", kind="zip"))
+    assert stored.parts == 9 and len(handed_out) == 9
+    assert len({id(b) for b in handed_out}) <= 3
+    body = await (await aws.s3.get_object(Bucket=bucket, Key="r.zip"))["Body"].read()
+    assert body == data
+
+
+def test_part_body_is_a_seekable_file_and_an_aiohttp_payload() -> None:
+    data = bytes(range(256)) * 8
+    body = transfer_module._PartBody(memoryview(bytearray(data)))
+    assert len(body) == body.size == len(data) and body.tell() == 0
+    assert body.read(10) == data[:10] and body.tell() == 10
+    assert body.read() == data[10:] and body.read() == b""
+    assert body.seek(0) == 0 and body.read(-1) == data
+    assert body.seek(-5, 2) == len(data) - 5 and body.read() == data[-5:]
+    assert body.seek(3, 1) == len(data)  # clamped at the end
 
 
 async def test_unknown_length_and_sse(aws: AwsClients, bucket: str) -> None:
