@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import transfer as transfer_module
+from pipeline import multipart
 from pipeline.aws import AwsClients
 from pipeline.errors import AquaUnavailable, IntegrityError, StorageError
 from pipeline.models import FileSource
@@ -227,14 +227,14 @@ async def test_part_buffers_are_reused(aws: AwsClients, bucket: str, monkeypatch
     """However many parts, at most parts_in_flight + 1 buffers are ever filled (each part is copied into memory
     already touched), and every byte still lands in order."""
     handed_out: list[bytearray] = []  # kept alive, so identities stay distinct
-    take = transfer_module._PartBuffers.take
+    take = multipart._PartBuffers.take
 
     def recording_take(self: Any, size: int) -> bytearray:
         buf = take(self, size)
         handed_out.append(buf)
         return buf
 
-    monkeypatch.setattr(transfer_module._PartBuffers, "take", recording_take)
+    monkeypatch.setattr(multipart._PartBuffers, "take", recording_take)
     data = random.Random(3).randbytes(42 * MIB)
     engine = S3Transfer(aws.s3, s3_settings(parts_in_flight=2))
     stored = await engine.store(source(data), spec(bucket, "r.zip", kind="zip"))
@@ -246,7 +246,7 @@ async def test_part_buffers_are_reused(aws: AwsClients, bucket: str, monkeypatch
 
 def test_part_body_is_a_seekable_file_and_an_aiohttp_payload() -> None:
     data = bytes(range(256)) * 8
-    body = transfer_module._PartBody(memoryview(bytearray(data)))
+    body = multipart._PartBody(memoryview(bytearray(data)))
     assert len(body) == body.size == len(data) and body.tell() == 0
     assert body.read(10) == data[:10] and body.tell() == 10
     assert body.read() == data[10:] and body.read() == b""
@@ -426,7 +426,7 @@ async def test_part_upload_failure_is_storage_error_and_aborts(aws: AwsClients, 
 
 
 async def test_cancellation_aborts_the_upload(aws: AwsClients, bucket: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.transfer")
+    caplog.set_level(logging.INFO, logger="pipeline")  # pipeline.transfer and pipeline.multipart
     reached = asyncio.Event()
     data = random.Random(7).randbytes(6 * MIB)
 
