@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 
+from pipeline.batching import NaturalBatcher, Waiting
 from pipeline.errors import LedgerError
 from pipeline.ledger import RETRY, CallbackRecord, JobLedger, TokenCallback
 
@@ -31,12 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_TRANSACTION_ITEMS = 100  # DynamoDB's limit for one TransactWriteItems
 
-
-@dataclass(eq=False)
-class _Waiting:
-    call: TokenCallback
-    future: asyncio.Future[CallbackRecord | None] = field(repr=False)
-    cancelled_once: bool = False
+_Waiting = Waiting[TokenCallback, CallbackRecord | None]
 
 
 class TokenCallbackBatcher:
@@ -47,92 +42,73 @@ class TokenCallbackBatcher:
             raise ValueError(f"max_items must be 1..{MAX_TRANSACTION_ITEMS}")
         self._ledger = ledger
         self._max_items = max_items
-        self._max_calls = max_calls
-        self._waiting: list[_Waiting] = []
-        self._drains: set[asyncio.Task[None]] = set()
-        self.transactions = 0  # calls made, for tests and metrics
-        self.batched = 0  # callbacks counted by those calls
+        self._batcher: NaturalBatcher[TokenCallback, CallbackRecord | None] = NaturalBatcher(
+            self._settle,
+            self._take,
+            error=lambda exc: LedgerError(f"callback not recorded: {exc!r}"),
+            max_calls=max_calls,
+            name="ledger-callback-batch",
+        )
+        self.transactions = 0  # TransactWriteItems calls made, for tests
+        self.batched = 0  # callbacks those calls counted
 
     async def record(
         self, job_id: str, *, submission_id: str, status: str | None, notification_id: str | None
     ) -> CallbackRecord | None:
         """Count one token callback on the fast path; what :meth:`JobLedger.record_token_callback` answers."""
+        call = TokenCallback(job_id, submission_id, status, notification_id)
         if notification_id is not None or self._max_items == 1:
-            return await self._single(TokenCallback(job_id, submission_id, status, notification_id))
-        future: asyncio.Future[CallbackRecord | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(TokenCallback(job_id, submission_id, status), future))
-        if len(self._drains) < self._max_calls:
-            task = asyncio.create_task(self._drain(), name="ledger-callback-batch")
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
-        return await future
+            return await self._single(call)
+        return await self._batcher.submit(call)
 
     async def _single(self, call: TokenCallback) -> CallbackRecord | None:
         return await self._ledger.record_token_callback(
             call.job_id, submission_id=call.submission_id, status=call.status, notification_id=call.notification_id
         )
 
-    def _take(self) -> list[_Waiting]:
+    def _take(self, waiting: list[_Waiting]) -> tuple[list[_Waiting], list[_Waiting]]:
         """Up to ``max_items`` waiting callbacks of distinct jobs, oldest first (a job's later callbacks wait)."""
         batch: list[_Waiting] = []
         rest: list[_Waiting] = []
         jobs: set[str] = set()
-        for w in self._waiting:
-            if len(batch) < self._max_items and w.call.job_id not in jobs:
-                jobs.add(w.call.job_id)
+        for w in waiting:
+            if len(batch) < self._max_items and w.item.job_id not in jobs:
+                jobs.add(w.item.job_id)
                 batch.append(w)
             else:
                 rest.append(w)
-        self._waiting = rest
-        return batch
+        return batch, rest
 
-    async def _drain(self) -> None:
-        while self._waiting:
-            batch = self._take()
-            try:
-                if len(batch) == 1:
-                    await self._settle_single(batch[0])
-                else:
-                    await self._settle_batch(batch)
-            except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
-                err = LedgerError(f"callback not recorded: {exc!r}")
-                for w in batch + self._waiting:
-                    if not w.future.done():
-                        w.future.set_exception(err)
-                self._waiting.clear()
-                raise
+    async def _settle(self, batch: list[_Waiting]) -> None:
+        if len(batch) == 1:
+            await self._settle_single(batch[0])
+        else:
+            await self._settle_batch(batch)
 
     async def _settle_single(self, w: _Waiting) -> None:
         try:
-            result = await self._single(w.call)
+            w.settle(await self._single(w.item))
         except Exception as exc:
-            if not w.future.done():
-                w.future.set_exception(exc)
-            return
-        if not w.future.done():
-            w.future.set_result(result)
+            w.fail(exc)
 
     async def _settle_batch(self, batch: list[_Waiting]) -> None:
         self.transactions += 1
         try:
-            results = await self._ledger.record_token_callbacks([w.call for w in batch])
+            results = await self._ledger.record_token_callbacks([w.item for w in batch])
         except Exception as exc:
             for w in batch:
-                if not w.future.done():
-                    w.future.set_exception(exc)
+                w.fail(exc)
             return
         again: list[_Waiting] = []
         for w, result in zip(batch, results, strict=True):
             if result is RETRY:
                 again.append(w)
-            elif not w.future.done():
+            else:
                 self.batched += result is not None
-                w.future.set_result(result)
+                w.settle(result)
         if not again:
             return
         log.debug("ledger transaction of %d callbacks cancelled; %d to count again", len(batch), len(again))
-        twice = [w for w in again if w.cancelled_once]
-        for w in again:
-            w.cancelled_once = True
-        self._waiting[:0] = [w for w in again if w not in twice]  # first in the next batch
+        twice = [w for w in again if w.attempts]  # cancelled in an earlier transaction too: each on its own now
+        self._batcher.requeue([w for w in again if not w.attempts])  # first in the next batch
         await asyncio.gather(*(self._settle_single(w) for w in twice))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
+from pipeline.batching import NaturalBatcher, Waiting, first
 from pipeline.errors import PipelineError
 from pipeline.models import WorkMessage, dumps
 
@@ -47,62 +47,43 @@ class WorkQueue:
     def __init__(self, sqs: Any, queue_url: str, *, max_send_calls: int = 4) -> None:
         self.sqs = sqs
         self.queue_url = queue_url
-        self._max_send_calls = max_send_calls
-        self._pending: list[tuple[WorkMessage, asyncio.Future[str]]] = []
-        self._senders: set[asyncio.Task[None]] = set()
+        self._batcher: NaturalBatcher[WorkMessage, str] = NaturalBatcher(
+            self._send_batch,
+            first(SQS_BATCH),
+            error=lambda exc: QueueError(f"work message not sent: {exc!r}"),
+            max_calls=max_send_calls,
+            name="workqueue-send",
+        )
 
     async def send(self, message: WorkMessage, *, delay_s: int = 0) -> str:
         """Enqueue ``message`` durably; returns the SQS message id once SQS has stored it."""
         if delay_s:
             return await self._send_one(message, delay_s)
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, fut))
-        if len(self._senders) < self._max_send_calls:
-            task = asyncio.create_task(self._drain(), name="workqueue-send")
-            self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
-        return await fut
+        return await self._batcher.submit(message)
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[:SQS_BATCH]
-            del self._pending[:SQS_BATCH]
-            try:
-                await self._send_batch(batch)
-            except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
-                err = QueueError(f"work message not sent: {exc!r}")
-                for _, fut in batch + self._pending:
-                    if not fut.done():
-                        fut.set_exception(err)
-                self._pending.clear()
-                raise
-
-    async def _send_batch(self, batch: list[tuple[WorkMessage, asyncio.Future[str]]]) -> None:
+    async def _send_batch(self, batch: list[Waiting[WorkMessage, str]]) -> None:
         entries = [
             {
                 "Id": str(i),
-                "MessageBody": dumps(message),
-                "MessageAttributes": {"job_id": {"DataType": "String", "StringValue": message.job_id}},
+                "MessageBody": dumps(w.item),
+                "MessageAttributes": {"job_id": {"DataType": "String", "StringValue": w.item.job_id}},
             }
-            for i, (message, _) in enumerate(batch)
+            for i, w in enumerate(batch)
         ]
         try:
             resp = await self.sqs.send_message_batch(QueueUrl=self.queue_url, Entries=entries)
         except (ClientError, BotoCoreError) as exc:
-            for message, fut in batch:
-                if not fut.done():
-                    fut.set_exception(QueueError(f"could not enqueue work for job {message.job_id}: {exc}"))
+            for w in batch:
+                w.fail(QueueError(f"could not enqueue work for job {w.item.job_id}: {exc}"))
             return
         sent = {e["Id"]: str(e["MessageId"]) for e in resp.get("Successful", [])}
         failed = {e["Id"]: e.get("Message", e.get("Code", "failed")) for e in resp.get("Failed", [])}
-        for i, (message, fut) in enumerate(batch):
-            if fut.done():
-                continue
+        for i, w in enumerate(batch):
             if str(i) in sent:
-                fut.set_result(sent[str(i)])
+                w.settle(sent[str(i)])
             else:
                 reason = failed.get(str(i), "no answer for this entry")
-                fut.set_exception(QueueError(f"could not enqueue work for job {message.job_id}: {reason}"))
+                w.fail(QueueError(f"could not enqueue work for job {w.item.job_id}: {reason}"))
 
     async def _send_one(self, message: WorkMessage, delay_s: int) -> str:
         try:
