@@ -407,6 +407,9 @@ async def _emulator_ceiling(
     }
 
 
+TARGETS = ("bare", "ours", "ours_deferred")
+
+
 def _aws_latency_ms(text: str) -> tuple[float, float]:
     """``--aws-latency-ms``: ``"4,8"`` -> (DynamoDB, SQS) milliseconds; one number applies to both."""
     parts = [float(x) for x in text.split(",")]
@@ -450,27 +453,35 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             settings = settings.model_copy(update={"ledger": ledger})
         write_urls(settings, pool, urls_file)
         purge = not stubbed and not a.quick  # moto slows as the unconsumed queue grows: start each run clean
-        service = ServiceProcess(settings, tmp / "service.log").start()
-        exits.callback(service.terminate)
-        for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load and cache botocore's models
-            urllib.request.urlopen(service.url + path, timeout=30).close()
+        names = [n for n in a.targets.split(",") if n]
+        services: dict[str, ServiceProcess] = {}
+        for name in ("ours", "ours_deferred"):
+            if name not in names:
+                continue
+            at = "worker" if name == "ours_deferred" else settings.ledger.token_callbacks_at
+            ledger = settings.ledger.model_copy(update={"token_callbacks_at": at})
+            svc_settings = settings.model_copy(
+                update={"ledger": ledger, "http": settings.http.model_copy(update={"port": free_port()})}
+            )
+            service = services[name] = ServiceProcess(svc_settings, tmp / f"{name}.log").start()
+            exits.callback(service.terminate)
+            for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load and cache botocore's models
+                urllib.request.urlopen(service.url + path, timeout=30).close()
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
         exits.callback(bare.wait, 10)
         exits.callback(bare.send_signal, signal.SIGINT)
         wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
-        targets = {
-            "bare": (f"http://127.0.0.1:{bare_port}", bare.pid),
-            "ours": (service.url, service.proc.pid if service.proc else 0),
-        }
+        targets = {"bare": (f"http://127.0.0.1:{bare_port}", bare.pid)}
+        targets |= {n: (svc.url, svc.proc.pid if svc.proc else 0) for n, svc in services.items()}
         plan: list[tuple[float | None, str]] = []
         for offered in rates:
             for _ in range(a.repeat):
-                plan += [(offered, "bare"), (offered, "ours")]
-        plan += [(None, "bare"), (None, "ours")]
+                plan += [(offered, n) for n in names]
+        plan += [(None, n) for n in names]
         for rate, name in plan:
             url, pid = targets[name]
-            if name == "ours" and purge:
+            if name != "bare" and purge:
                 asyncio.run(_purge(settings))
             calls0 = _stub_calls(aws_url) if stubbed else Counter()
             cpu0, aws0, t0 = cpu_seconds(pid), cpu_seconds(aws_proc.pid), time.monotonic()
@@ -481,12 +492,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             r["server_cpu_pct"] = 100 * cpu / wall
             r["server_cpu_ms_per_ok"] = _per_callback_ms(cpu, r["ok"])
             r["aws_cpu_pct"] = 100 * (cpu_seconds(aws_proc.pid) - aws0) / wall
-            if stubbed and name == "ours":
+            if stubbed and name != "bare":
                 calls = _stub_calls(aws_url) - calls0
                 r["aws_calls_per_ok"] = {op: n / r["ok"] for op, n in sorted(calls.items())} if r["ok"] else {}
             runs.append(r)
             print(
-                f"  {name:4s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
+                f"  {name:13s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
                 f"p50 {r['p50_ms']:7.2f}ms p99 {r['p99_ms']:8.2f}ms  server cpu {r['server_cpu_pct']:5.1f}% "
                 f"= {r['server_cpu_ms_per_ok']:5.2f}ms/ok  {a.aws} cpu {r['aws_cpu_pct']:5.1f}%  {r['statuses']}"
                 + (f"  AWS calls/ok {_fmt_calls(r['aws_calls_per_ok'])}" if "aws_calls_per_ok" in r else ""),
@@ -547,7 +558,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sat = {s["target"]: s["sustained_per_s"] for s in out if s["offered"].startswith("saturation")}
     if sat.get("bare"):
         for s in out:
-            if s["offered"].startswith("saturation") and s["target"] == "ours":
+            if s["offered"].startswith("saturation") and s["target"].startswith("ours"):
                 s["ratio_to_bare"] = s["sustained_per_s"] / sat["bare"]
                 if sat.get("emulator"):
                     s["ratio_to_emulator"] = s["sustained_per_s"] / sat["emulator"]
@@ -578,12 +589,11 @@ def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
             row.append(_fmt_calls(s.get("aws_calls_per_ok", {})) or "-")
         rows.append(row)
     text = table(headers, rows)
-    ratio = [s["ratio_to_bare"] for s in summary if "ratio_to_bare" in s]
-    if ratio:
-        text += f"\n\nsaturation: ours / bare = {ratio[0]:.1%}"
-    to_emu = [s["ratio_to_emulator"] for s in summary if "ratio_to_emulator" in s]
-    if to_emu:
-        text += f"; ours / emulator ceiling (the same AWS calls with no receiver) = {to_emu[0]:.1%}"
+    for s in summary:
+        if "ratio_to_bare" in s:
+            text += f"\n\nsaturation: {s['target']} / bare = {s['ratio_to_bare']:.1%}"
+            if "ratio_to_emulator" in s:
+                text += f"; / emulator ceiling (ours' AWS calls with no receiver) = {s['ratio_to_emulator']:.1%}"
     return text
 
 
@@ -614,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the service's LEDGER__CALLBACK_BATCH_ITEMS (default: its own default); 1: no transactions. On moto, "
         "use 1: moto copies the whole table for every item of a TransactWriteItems",
     )
+    p.add_argument(
+        "--targets",
+        default="bare,ours,ours_deferred",
+        help="comma-separated: bare (the ceiling), ours (LEDGER__TOKEN_CALLBACKS_AT as configured, default "
+        "receiver), ours_deferred (the same service with LEDGER__TOKEN_CALLBACKS_AT=worker)",
+    )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -629,6 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_loadgen(a)
     if a.quick:
         a.rates, a.duration, a.repeat, a.concurrency, a.pool = "10", 1.0, 1, 4, 50
+    names = [n for n in a.targets.split(",") if n]
+    if not names or set(names) - set(TARGETS):
+        p.error(f"--targets takes a comma-separated list of {', '.join(TARGETS)}, got {a.targets!r}")
+    try:
+        _aws_latency_ms(a.aws_latency_ms)
+    except ValueError as exc:
+        p.error(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(a)
     print(render(result["summary"], a.aws))

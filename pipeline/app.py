@@ -21,6 +21,7 @@ from pipeline.aqua.client import AquaClient
 from pipeline.aws import AwsClients, open_clients
 from pipeline.callback_auth import CallbackAuthenticator
 from pipeline.callback_batch import TokenCallbackBatcher
+from pipeline.callback_record import CallbackRecorder
 from pipeline.callbacks import CallbackHandler, error_response, json_response
 from pipeline.csvcheck import DEFAULT_ENGINE
 from pipeline.errors import PipelineError
@@ -60,6 +61,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 COMPONENTS_KEY = web.AppKey("components", Components)
 CALLBACKS_KEY = web.AppKey("callbacks", CallbackHandler)
+RECORDER_KEY = web.AppKey("callback_recorder", CallbackRecorder)
 WORKER_KEY = web.AppKey("worker", Worker)
 STATE_KEY = web.AppKey("state", dict)
 
@@ -112,12 +114,14 @@ def create_app(
     async def components_ctx(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             c = app[COMPONENTS_KEY] = await build_components(settings, stack, metrics)
+            fast_path = TokenCallbackBatcher(c.ledger, max_items=settings.ledger.callback_batch_items)
+            recorder = app[RECORDER_KEY] = CallbackRecorder(c.ledger, fast_path, metrics=metrics)
             app[CALLBACKS_KEY] = CallbackHandler(
                 authenticator=CallbackAuthenticator(settings.security, c.signer),
-                ledger=c.ledger,
-                fast_path=TokenCallbackBatcher(c.ledger, max_items=settings.ledger.callback_batch_items),
+                recorder=recorder,
                 queue=c.queue,
                 metrics=metrics,
+                defer_token_callbacks=settings.ledger.token_callbacks_at == "worker",
             )
             yield
 
@@ -135,6 +139,7 @@ def create_app(
             metrics=metrics,
             lease_extender=c.ledger.extend_lease,
             ledger_release=c.ledger.release,
+            admit=app[RECORDER_KEY].admit,  # always: another replica may defer what this one would not
         )
         app[WORKER_KEY] = worker
         worker.start()

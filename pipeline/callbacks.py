@@ -10,7 +10,6 @@ Accepted shapes (REFERENCE.md §7):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -22,9 +21,9 @@ from aiohttp import web
 from pipeline.aqua.client import check_track_id
 from pipeline.aqua.models import is_aqua_id
 from pipeline.callback_auth import AuthResult, CallbackAuthenticator
-from pipeline.callback_batch import TokenCallbackBatcher
+from pipeline.callback_record import CallbackRecorder
 from pipeline.errors import CallbackRejected, PipelineError
-from pipeline.ledger import CallbackRecord, JobLedger, JobState
+from pipeline.ledger import JobState
 from pipeline.logs import bound
 from pipeline.metrics import Metrics
 from pipeline.models import WorkMessage, dumps
@@ -124,22 +123,25 @@ def parse_params(fields: Mapping[str, str], headers: Mapping[str, str]) -> Callb
 
 class CallbackHandler:
     """The callback route's handler, built once per app; owns no resources, only uses injected ones.
-    ``fast_path`` counts token callbacks (batched under load); without one, each is its own ledger call."""
+
+    ``recorder`` counts each callback in the ledger before the answer; with ``defer_token_callbacks`` a callback
+    with a valid token of ours is only enqueued, and the worker counts it (see :mod:`pipeline.callback_record`).
+    """
 
     def __init__(
         self,
         *,
         authenticator: CallbackAuthenticator,
-        ledger: JobLedger,
+        recorder: CallbackRecorder,
         queue: WorkQueue,
         metrics: Metrics,
-        fast_path: TokenCallbackBatcher | None = None,
+        defer_token_callbacks: bool = False,
     ) -> None:
         self.authenticator = authenticator
-        self.ledger = ledger
-        self.fast_path = fast_path or TokenCallbackBatcher(ledger, max_items=1)
+        self.recorder = recorder
         self.queue = queue
         self.metrics = metrics
+        self.defer_token_callbacks = defer_token_callbacks
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -156,68 +158,39 @@ class CallbackHandler:
         finally:
             self.metrics.callback_latency.observe(time.perf_counter() - started)
 
-    async def _known_job(self, job_id: str) -> bool:
-        """True when the job was submitted by this service (callouts without a token of ours)."""
-        for delay in (0.0, *UNKNOWN_JOB_WAIT_S):
-            if delay:
-                await asyncio.sleep(delay)
-            if await self.ledger.get(job_id) is not None:
-                return True
-        return False
-
-    async def _record(self, params: CallbackParams, auth: AuthResult) -> CallbackRecord:
-        """Check the callback belongs to a job of ours and count it in the ledger.
-
-        With a token, first the fast path: one UpdateItem (under load, a share of one transaction: see
-        :mod:`pipeline.callback_batch`) when our submitter recorded this job under the token's submission.
-        Otherwise (the callback outran the submitter's ledger write, the token is another job's, the job is further
-        along) the token's submission is bound first come, first served, refusing a token bound to another job,
-        and the callback counted. Without a token, only a job this service submitted.
-        """
-        if auth.claim is not None:
-            fast = await self.fast_path.record(
-                params.job_id,
-                submission_id=auth.claim.submission_id,
-                status=params.status,
-                notification_id=params.notification_id,
-            )
-            if fast is not None:
-                return fast
-            if not await self.ledger.bind_submission(auth.claim.submission_id, params.job_id):
-                raise CallbackRejected("callback token belongs to another job", status=403, code="token_job_mismatch")
-        elif not await self._known_job(params.job_id):
-            raise CallbackRejected("no job with this id was submitted by this service", status=404, code="unknown_job")
-        return await self.ledger.record_callback(
-            params.job_id, status=params.status, notification_id=params.notification_id
-        )
-
     async def _handle(self, request: web.Request) -> web.Response:
         fields = await read_fields(request)
         auth: AuthResult = self.authenticator.authenticate(query=fields, headers=request.headers, remote=request.remote)
         params = parse_params(fields, request.headers)
+        submission_id = auth.claim.submission_id if auth.claim is not None else None
         with bound(job_id=params.job_id, track_id=params.track_id):
-            record = await self._record(params, auth)
-            if record.duplicate:
-                self.metrics.callbacks.labels("duplicate").inc()
-                return json_response(200, {"accepted": True, "duplicate": True, "job_id": params.job_id})
-            if record.state in (JobState.published, JobState.failed):
-                self.metrics.callbacks.labels("already_done").inc()
-                return json_response(200, {"accepted": True, "already": str(record.state), "job_id": params.job_id})
+            deferred = self.defer_token_callbacks and submission_id is not None
+            if not deferred:
+                record = await self.recorder.record(
+                    params.job_id,
+                    submission_id=submission_id,
+                    status=params.status,
+                    notification_id=params.notification_id,
+                )
+                if record.duplicate:
+                    self.metrics.callbacks.labels("duplicate").inc()
+                    return json_response(200, {"accepted": True, "duplicate": True, "job_id": params.job_id})
+                if record.state in (JobState.published, JobState.failed):
+                    self.metrics.callbacks.labels("already_done").inc()
+                    body = {"accepted": True, "already": str(record.state), "job_id": params.job_id}
+                    return json_response(200, body)
             await self.queue.send(
                 WorkMessage(
                     job_id=params.job_id,
                     callback_status=params.status,
                     notification_id=params.notification_id,
                     track_id=params.track_id,
+                    submission_id=submission_id if deferred else None,
                 )
             )
             self.metrics.callbacks.labels("accepted").inc()
             log.info("callback accepted (status %s, via %s)", params.status, auth.method)
             return json_response(202, {"accepted": True, "job_id": params.job_id})
-
-
-UNKNOWN_JOB_WAIT_S = (0.1, 0.2, 0.4, 0.8)
-"""A callout can outrun the submitter's ledger write for a fast job; look again briefly before refusing."""
 
 
 def json_response(status: int, body: object, *, headers: Mapping[str, str] | None = None) -> web.Response:

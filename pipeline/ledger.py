@@ -15,186 +15,47 @@ serialise stateful AQuA sessions in the same table.
 
 from __future__ import annotations
 
-import enum
 import logging
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipeline.dynamo import ConditionFailed, Expr, decode
+from pipeline.dynamo import ConditionFailed, Expr
 from pipeline.errors import LedgerError
-from pipeline.sessions import SessionLedger, SessionRecord
-from pipeline.settings import LedgerSettings
+from pipeline.ledger_callbacks import CallbackLedger
+from pipeline.ledger_items import (
+    KNOWN_FIELDS,
+    RETRY,
+    UNFINISHED,
+    CallbackRecord,
+    JobState,
+    LeaseLost,
+    LedgerItem,
+    Retry,
+    TokenCallback,
+)
+from pipeline.sessions import SessionRecord
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CallbackRecord", "JobLedger", "JobState", "LeaseLost", "LedgerItem", "SessionRecord"]
+__all__ = [
+    "RETRY",
+    "UNFINISHED",
+    "CallbackRecord",
+    "JobLedger",
+    "JobState",
+    "LeaseLost",
+    "LedgerItem",
+    "Retry",
+    "SessionRecord",
+    "TokenCallback",
+]
 
 
-class JobState(StrEnum):
-    """Where a job is in the pipeline."""
-
-    submitted = "submitted"
-    notified = "notified"
-    transferring = "transferring"
-    stored = "stored"
-    published = "published"
-    failed = "failed"
-
-
-UNFINISHED = (JobState.submitted, JobState.notified, JobState.transferring, JobState.stored)
-_DAY = 86400
-
-
-class LeaseLost(LedgerError):
-    """A conditional write lost: someone else holds the lease, or the transition is not legal (any more)."""
-
-    retryable = False
-
-    def __init__(self, message: str, *, current: LedgerItem | None = None) -> None:
-        super().__init__(message)
-        self.current = current
-
-
-_KNOWN = {
-    "job_id", "state", "submission_id", "job_name", "partner", "project", "submitted_at", "updated_at",
-    "notified_at", "callback_count", "lease_owner", "lease_until", "attempts", "manifest_key", "record_count",
-    "total_bytes", "event_id", "error_reason", "error_message", "expires_at", "notification_ids",
-    "last_callback_status", "request",
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LedgerItem:
-    """One job as the ledger knows it (times are epoch seconds)."""
-
-    job_id: str
-    state: JobState
-    submission_id: str | None = None
-    job_name: str | None = None
-    partner: str | None = None
-    project: str | None = None
-    submitted_at: float | None = None
-    updated_at: float | None = None
-    notified_at: float | None = None
-    callback_count: int = 0
-    lease_owner: str | None = None
-    lease_until: float | None = None
-    attempts: int = 0
-    manifest_key: str | None = None
-    record_count: int | None = None
-    total_bytes: int | None = None
-    event_id: str | None = None
-    error_reason: str | None = None
-    error_message: str | None = None
-    last_callback_status: str | None = None
-    notification_ids: frozenset[str] = frozenset()
-    request: dict[str, Any] | None = None
-    expires_at: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def done(self) -> bool:
-        """True when nothing is left to do: published, or failed with its failure event published."""
-        return self.state is JobState.published or (self.state is JobState.failed and self.event_id is not None)
-
-    def lease_live(self, now: float) -> bool:
-        """True when somebody holds an unexpired lease."""
-        return self.lease_owner is not None and self.lease_until is not None and self.lease_until >= now
-
-    @classmethod
-    def from_item(cls, item: Mapping[str, Any]) -> LedgerItem:
-        """Build from a raw DynamoDB item (attribute-value map)."""
-        raw = {k: decode(v) for k, v in item.items()}
-        request = raw.get("request")
-        return cls(
-            job_id=raw["job_id"],
-            state=JobState(raw["state"]),
-            submission_id=raw.get("submission_id"),
-            job_name=raw.get("job_name"),
-            partner=raw.get("partner"),
-            project=raw.get("project"),
-            submitted_at=raw.get("submitted_at"),
-            updated_at=raw.get("updated_at"),
-            notified_at=raw.get("notified_at"),
-            callback_count=int(raw.get("callback_count", 0)),
-            lease_owner=raw.get("lease_owner"),
-            lease_until=raw.get("lease_until"),
-            attempts=int(raw.get("attempts", 0)),
-            manifest_key=raw.get("manifest_key"),
-            record_count=raw.get("record_count"),
-            total_bytes=raw.get("total_bytes"),
-            event_id=raw.get("event_id"),
-            error_reason=raw.get("error_reason"),
-            error_message=raw.get("error_message"),
-            last_callback_status=raw.get("last_callback_status"),
-            notification_ids=frozenset(raw.get("notification_ids", ())),
-            request=orjson.loads(request) if isinstance(request, str) else None,
-            expires_at=raw.get("expires_at"),
-            extra={k: v for k, v in raw.items() if k not in _KNOWN},
-        )
-
-
-@dataclass(frozen=True)
-class CallbackRecord:
-    """What :meth:`JobLedger.record_callback` found: whether the notification id was already seen.
-    ``callback_count`` (this one included) is None when the callback was counted in a batch."""
-
-    duplicate: bool
-    state: JobState
-    created: bool
-    callback_count: int | None
-
-
-@dataclass(frozen=True)
-class TokenCallback:
-    """A callback for the token fast path: the job, the verified token's submission, what it said."""
-
-    job_id: str
-    submission_id: str
-    status: str | None
-    notification_id: str | None = None
-
-
-class Retry(enum.Enum):
-    """:meth:`JobLedger.record_token_callbacks`: not counted, for no fault of this callback; count it again."""
-
-    RETRY = "retry"
-
-
-RETRY = Retry.RETRY
-
-
-def _callback_record(
-    old: LedgerItem | None, state: JobState, created: bool, notification_id: str | None
-) -> CallbackRecord:
-    """What a counted callback found, from the item as it was before (None: the callback created it)."""
-    seen = old.notification_ids if old else frozenset()
-    return CallbackRecord(
-        duplicate=notification_id is not None and notification_id in seen,
-        state=state,
-        created=created,
-        callback_count=(old.callback_count if old else 0) + 1,
-    )
-
-
-class JobLedger(SessionLedger):
+class JobLedger(CallbackLedger):
     """The job ledger over an injected aiobotocore DynamoDB client."""
-
-    def __init__(
-        self, dynamodb_client: Any, settings: LedgerSettings, *, clock: Callable[[], float] = time.time
-    ) -> None:
-        super().__init__(dynamodb_client, settings.table_name, clock=clock)
-        self._retention_s = settings.retention_days * _DAY
-
-    def _expires(self, now: float) -> int:
-        return int(now + self._retention_s)
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand, pk ``job_id``) with TTL on ``expires_at``; idempotent; waits until active."""
@@ -251,126 +112,6 @@ class JobLedger(SessionLedger):
         update = f"SET {keep}, {e.sets({'updated_at': now, 'expires_at': self._expires(now)})}"
         resp = await self._update({"job_id": {"S": job_id}}, e, update, returns="ALL_OLD")
         return not resp.get("Attributes")
-
-    async def record_callback(self, job_id: str, *, status: str | None, notification_id: str | None) -> CallbackRecord:
-        """Count a callback: creates the item (``notified``) if unknown and moves ``submitted`` → ``notified``.
-
-        One conditional UpdateItem while the job is submitted/notified/unknown; for a job already further
-        along, a second UpdateItem that only counts the callback (the state is left alone).
-        """
-        now = self._clock()
-        try:
-            old = await self._count_callback(job_id, now, status, notification_id, set_notified=True)
-            state, created = JobState.notified, old is None
-        except ConditionFailed:
-            old = await self._count_callback(job_id, now, status, notification_id, set_notified=False)
-            if old is None:  # vanished between the two calls (TTL); the first branch will create it next time
-                raise LedgerError(f"job {job_id} disappeared while recording a callback") from None
-            state, created = old.state, False
-        return _callback_record(old, state, created, notification_id)
-
-    async def record_token_callback(
-        self, job_id: str, *, submission_id: str, status: str | None, notification_id: str | None
-    ) -> CallbackRecord | None:
-        """The fast path for a callback whose verified token names ``submission_id``: one conditional UpdateItem
-        that counts it as :meth:`record_callback` does, provided our submitter recorded the job under that very
-        submission (the item's ``submission_id`` matches) and it is still ``submitted`` or ``notified``.
-
-        None when that does not hold (job not recorded yet, recorded under another submission, or further
-        along): nothing was written, and the caller takes the general path (:meth:`bind_submission`, then
-        :meth:`record_callback`).
-        """
-        now = self._clock()
-        try:
-            old = await self._count_callback(
-                job_id, now, status, notification_id, set_notified=True, submission_id=submission_id
-            )
-        except ConditionFailed:
-            return None
-        return _callback_record(old, JobState.notified, old is None, notification_id)
-
-    async def record_token_callbacks(self, calls: Sequence[TokenCallback]) -> list[CallbackRecord | Retry | None]:
-        """The fast path of :meth:`record_token_callback` for several callbacks of distinct jobs, none with a
-        notification id, in one TransactWriteItems (all or nothing).
-
-        For each: its :class:`CallbackRecord` when counted (``callback_count`` is None: a transaction returns no
-        old item), None when its condition did not hold (take the general path, as for
-        :meth:`record_token_callback`), or :data:`RETRY` when the transaction was cancelled for another reason
-        (another callback's condition, a conflicting write): nothing of it was written; count it again.
-        """
-        if not calls:
-            return []
-        if len({c.job_id for c in calls}) != len(calls) or any(c.notification_id is not None for c in calls):
-            raise ValueError("batched token callbacks must be of distinct jobs and carry no notification id")
-        now = self._clock()
-        updates = []
-        for c in calls:
-            e, update, cond = self._callback_update(
-                now, c.status, None, set_notified=True, submission_id=c.submission_id
-            )
-            updates.append(self._update_params({"job_id": {"S": c.job_id}}, e, update, condition=cond))
-        codes = await self._transact_updates(updates, request_token=uuid.uuid4().hex)
-        if codes is None:
-            counted = CallbackRecord(duplicate=False, state=JobState.notified, created=False, callback_count=None)
-            return [counted] * len(calls)
-        return [None if code == "ConditionalCheckFailed" else RETRY for code in codes]
-
-    def _callback_update(
-        self,
-        now: float,
-        status: str | None,
-        notification_id: str | None,
-        *,
-        set_notified: bool,
-        submission_id: str | None = None,
-    ) -> tuple[Expr, str, str]:
-        """The update and condition expressions that count one callback (see :meth:`_count_callback`)."""
-        e = Expr()
-        sets = [e.sets({"updated_at": now, "expires_at": self._expires(now)})]
-        if status is not None:
-            sets.append(e.sets({"last_callback_status": status}))
-        adds = [f"{e.n('callback_count')} {e.v(1)}"]
-        if notification_id is not None:
-            adds.append(f"{e.n('notification_ids')} {e.v({notification_id})}")
-        if set_notified:
-            sets.append(e.sets({"state": JobState.notified.value}))
-            sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
-            sets.append(f"{e.n('attempts')} = if_not_exists({e.n('attempts')}, {e.v(0)})")
-            workable = f"{e.n('state')} IN ({e.v(JobState.submitted.value)}, {e.v(JobState.notified.value)})"
-            if submission_id is not None:
-                cond = f"{e.n('submission_id')} = {e.v(submission_id)} AND {workable}"
-            else:
-                cond = f"attribute_not_exists({e.n('job_id')}) OR {workable}"
-        else:
-            sets.append(f"{e.n('notified_at')} = if_not_exists({e.n('notified_at')}, {e.v(now)})")
-            cond = f"attribute_exists({e.n('job_id')})"
-        return e, f"SET {', '.join(sets)} ADD {', '.join(adds)}", cond
-
-    async def _count_callback(
-        self,
-        job_id: str,
-        now: float,
-        status: str | None,
-        notification_id: str | None,
-        *,
-        set_notified: bool,
-        submission_id: str | None = None,
-    ) -> LedgerItem | None:
-        """One UpdateItem counting a callback (ALL_OLD). ``set_notified``: also move the state to ``notified``,
-        only while it is submitted/notified (or the item is new; with ``submission_id``, only on an existing item
-        recorded under that submission), raising :class:`ConditionFailed` otherwise."""
-        e, update, cond = self._callback_update(
-            now, status, notification_id, set_notified=set_notified, submission_id=submission_id
-        )
-        try:
-            resp = await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_OLD")
-        except ConditionFailed:
-            if set_notified:
-                raise
-            log.warning("callback for job %s: item vanished", job_id)
-            return None
-        attrs = resp.get("Attributes")
-        return LedgerItem.from_item(attrs) if attrs else None
 
     # -- leases and transitions, used by the worker ----------------------------------------------------
 
@@ -483,7 +224,7 @@ class JobLedger(SessionLedger):
 
     async def annotate(self, job_id: str, fields: Mapping[str, Any]) -> None:
         """Set extra attributes (e.g. stateful session details) on an existing job; they land in ``extra``."""
-        clash = set(fields) & (_KNOWN | {"kind"})
+        clash = set(fields) & (KNOWN_FIELDS | {"kind"})
         if clash:
             raise ValueError(f"reserved ledger attributes: {sorted(clash)}")
         e = Expr()
@@ -493,23 +234,6 @@ class JobLedger(SessionLedger):
             )
         except ConditionFailed:
             raise LedgerError(f"job {job_id} is not in the ledger", retryable=False) from None
-
-    async def bind_submission(self, submission_id: str, job_id: str) -> bool:
-        """Bind a notifyUrl token's submission to one job id, first come first served; True when the
-        submission is (now or already) bound to ``job_id``, False when it names another job."""
-        e = Expr()
-        now = self._clock()
-        try:
-            await self._update(
-                {"job_id": {"S": f"sub#{submission_id}"}},
-                e,
-                "SET " + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
-                condition=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
-            )
-        except ConditionFailed:
-            log.warning("submission %s is bound to another job; refusing %s", submission_id[:8], job_id)
-            return False
-        return True
 
     async def try_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> bool:
         """Elect one reconciler per job per round: True for the replica that may act on it now."""

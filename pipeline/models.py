@@ -46,6 +46,8 @@ class WorkMessage(_Out):
     callback_status: str | None = None
     notification_id: str | None = None
     track_id: str | None = None
+    submission_id: str | None = None
+    """Set when the receiver deferred counting this token callback to the worker (the token's submission)."""
     received_at: datetime = Field(default_factory=utcnow)
 
 

@@ -109,6 +109,7 @@ class LedgerSettings(_Group):
     table_name: str = "aqua-pipeline-jobs"
     retention_days: int = Field(default=30, ge=1)
     callback_batch_items: int = Field(default=25, ge=1, le=100)
+    token_callbacks_at: Literal["receiver", "worker"] = "receiver"
 
 
 class HttpSettings(_Group):

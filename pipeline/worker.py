@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pipeline.errors import PipelineError
 from pipeline.logs import bound
 from pipeline.metrics import Metrics
+from pipeline.models import WorkMessage
 from pipeline.processor import Outcome, ProcessResult
 from pipeline.settings import QueueSettings
 from pipeline.workqueue import ReceivedWork, WorkQueue
@@ -42,6 +43,7 @@ class Worker:
         metrics: Metrics,
         lease_extender: Callable[[str, str, float], Awaitable[bool]] | None = None,
         ledger_release: Callable[[str, str], Awaitable[None]] | None = None,
+        admit: Callable[[WorkMessage], Awaitable[bool]] | None = None,
     ) -> None:
         self.queue = queue
         self.process = process
@@ -49,6 +51,7 @@ class Worker:
         self.metrics = metrics
         self.lease_extender = lease_extender
         self.ledger_release = ledger_release
+        self.admit = admit
         self.worker_id = uuid.uuid4().hex[:12]
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,7 +120,23 @@ class Worker:
         # The callback's Zuora-Track-Id, else one id for this attempt: every line of the job carries it.
         track_id = work.message.track_id or f"aqp-{job_id[:12]}-{uuid.uuid4().hex[:8]}"
         with bound(job_id=job_id, track_id=track_id):
+            if self.admit is not None and work.message.submission_id is not None and not await self._admitted(work):
+                return
             await self._run(work, job_id)
+
+    async def _admitted(self, work: ReceivedWork) -> bool:
+        """Count a callback the receiver deferred (see :mod:`pipeline.callback_record`); settle the message when it
+        is refused (deleted) or the ledger cannot be reached (retried later)."""
+        assert self.admit is not None and work.message is not None
+        try:
+            if await self.admit(work.message):
+                return True
+        except PipelineError as exc:
+            log.warning("could not count the deferred callback (%s); retrying later", exc)
+            await self._settle(self.queue.set_visibility(work.receipt_handle, retry_delay_s(work.receive_count)))
+            return False
+        await self._settle(self.queue.delete(work.receipt_handle))
+        return False
 
     async def _run(self, work: ReceivedWork, job_id: str) -> None:
         if work.sent_at_ms:

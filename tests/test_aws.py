@@ -5,11 +5,12 @@ import hashlib
 import uuid
 from typing import Any
 
+import botocore
 import pytest
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError, ParamValidationError
 
-from pipeline.aws import AwsClients, client_kwargs
+from pipeline.aws import USER_AGENT, AwsClients, client_kwargs
 from pipeline.settings import AwsSettings
 
 
@@ -20,6 +21,25 @@ async def test_clients_reach_moto(aws: AwsClients, bucket: str) -> None:
         assert await body.read() == b"hello"
     q = await aws.sqs.create_queue(QueueName="smoke-q")
     assert q["QueueUrl"]
+
+
+async def test_every_request_carries_our_fixed_user_agent(aws: AwsClients) -> None:
+    sent: list[str] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        ua = request.headers["User-Agent"]
+        sent.append(ua.decode() if isinstance(ua, bytes) else ua)
+
+    for client in (aws.sqs, aws.dynamodb):
+        client.meta.events.register("before-send", capture, unique_id="ua-capture")
+    try:
+        await aws.sqs.list_queues()
+        await aws.dynamodb.list_tables()
+    finally:
+        for client in (aws.sqs, aws.dynamodb):
+            client.meta.events.unregister("before-send", unique_id="ua-capture")
+    assert sent == [f"{USER_AGENT} botocore/{botocore.__version__}"] * 2  # botocore's own extra, no rebuild
+    assert USER_AGENT.startswith("aqua-pipeline/")
 
 
 async def test_callback_path_clients_leave_parameter_checks_to_the_service(aws: AwsClients) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+import bench.callbacks
 import bench.common
 import bench.transfer
 from bench.common import RcloneUnavailable, find_rclone, parse_size, percentile, table
@@ -138,7 +139,7 @@ def test_transfer_s3_option_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_callbacks_quick(tmp_path: Path) -> None:
     result = run_bench("bench.callbacks", tmp_path)
     runs = result["runs"]
-    assert {r["target"] for r in runs} == {"bare", "ours", "emulator"}
+    assert {r["target"] for r in runs} == {"bare", "ours", "ours_deferred", "emulator"}
     assert [r["sustained_per_s"] > 0 for r in runs if r["target"] == "emulator"] == [True]
     ours = [r for r in runs if r["target"] == "ours"]
     assert all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)  # authenticated, enqueued
@@ -155,6 +156,20 @@ def test_callbacks_quick_against_the_aws_stub(tmp_path: Path) -> None:
         calls = r["aws_calls_per_ok"]
         assert calls.get("UpdateItem", 0) + calls.get("TransactWriteItems:items", 0) == pytest.approx(1)
         assert 0 < calls["SendMessageBatch"] <= 1 and calls.get("TransactWriteItems", 0) <= 0.5
+    deferred = [r for r in result["runs"] if r["target"] == "ours_deferred"]
+    assert deferred and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in deferred)
+    for r in deferred:  # the ledger check moved to the worker: the receiver only enqueues
+        assert set(r["aws_calls_per_ok"]) == {"SendMessageBatch"} and 0 < r["aws_calls_per_ok"]["SendMessageBatch"] <= 1
+
+
+def test_callbacks_option_errors(capsys: Any) -> None:
+    for argv, message in (
+        (["--targets", "ours,nginx"], "--targets takes a comma-separated list of bare, ours, ours_deferred"),
+        (["--aws-latency-ms", "1,2,3"], "--aws-latency-ms takes DYNAMODB,SQS milliseconds"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.callbacks.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
