@@ -84,9 +84,11 @@ def run_bare(port: int) -> int:
 
 
 def _read_urls(base: str, path: str) -> list[str]:
-    """The pool's callback URLs (written relative to the receiver by :func:`write_urls`) on ``base``."""
-    base = base.rstrip("/")
-    return [base + line for line in Path(path).read_text().splitlines() if line]
+    """The pool's callback URLs (written relative to the receiver by :func:`write_urls`) on ``base``; a
+    comma-separated ``base`` (replicas) takes turns, as a load balancer's round robin would."""
+    bases = [b.rstrip("/") for b in base.split(",")]
+    lines = [line for line in Path(path).read_text().splitlines() if line]
+    return [bases[i % len(bases)] + line for i, line in enumerate(lines)]
 
 
 async def _open_loop(urls: list[str], rate: float, max_inflight: int) -> dict[str, Any]:
@@ -454,40 +456,47 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         write_urls(settings, pool, urls_file)
         purge = not stubbed and not a.quick  # moto slows as the unconsumed queue grows: start each run clean
         names = [n for n in a.targets.split(",") if n]
-        services: dict[str, ServiceProcess] = {}
+        targets: dict[str, tuple[str, list[int]]] = {}  # name -> (base URLs, comma-separated; pids)
         for name in ("ours", "ours_deferred"):
             if name not in names:
                 continue
             at = "worker" if name == "ours_deferred" else settings.ledger.token_callbacks_at
             ledger = settings.ledger.model_copy(update={"token_callbacks_at": at})
-            svc_settings = settings.model_copy(
-                update={"ledger": ledger, "http": settings.http.model_copy(update={"port": free_port()})}
-            )
-            service = services[name] = ServiceProcess(svc_settings, tmp / f"{name}.log").start()
-            exits.callback(service.terminate)
-            for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load and cache botocore's models
-                urllib.request.urlopen(service.url + path, timeout=30).close()
-        bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
-        exits.callback(bare.wait, 10)
-        exits.callback(bare.send_signal, signal.SIGINT)
-        wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
-        targets = {"bare": (f"http://127.0.0.1:{bare_port}", bare.pid)}
-        targets |= {n: (svc.url, svc.proc.pid if svc.proc else 0) for n, svc in services.items()}
+            replicas = []
+            for i in range(a.replicas):
+                svc_settings = settings.model_copy(
+                    update={"ledger": ledger, "http": settings.http.model_copy(update={"port": free_port()})}
+                )
+                service = ServiceProcess(svc_settings, tmp / f"{name}-{i}.log").start()
+                exits.callback(service.terminate)
+                for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load botocore's models
+                    urllib.request.urlopen(service.url + path, timeout=30).close()
+                replicas.append(service)
+            targets[name] = (",".join(r.url for r in replicas), [r.proc.pid for r in replicas if r.proc])
+        bare_urls, bare_pids = [], []
+        for _ in range(a.replicas):
+            bare_port = free_port()
+            bare = subprocess.Popen([sys.executable, "-m", "bench.callbacks", "--bare", "--port", str(bare_port)])
+            exits.callback(bare.wait, 10)
+            exits.callback(bare.send_signal, signal.SIGINT)
+            wait_http(f"http://127.0.0.1:{bare_port}{CALLBACK_PATH}", bare)
+            bare_urls.append(f"http://127.0.0.1:{bare_port}")
+            bare_pids.append(bare.pid)
+        targets["bare"] = (",".join(bare_urls), bare_pids)
         plan: list[tuple[float | None, str]] = []
         for offered in rates:
             for _ in range(a.repeat):
                 plan += [(offered, n) for n in names]
         plan += [(None, n) for n in names]
         for rate, name in plan:
-            url, pid = targets[name]
+            url, pids = targets[name]
             if name != "bare" and purge:
                 asyncio.run(_purge(settings))
             calls0 = _stub_calls(aws_url) if stubbed else Counter()
-            cpu0, aws0, t0 = cpu_seconds(pid), cpu_seconds(aws_proc.pid), time.monotonic()
+            cpu0, aws0, t0 = sum(map(cpu_seconds, pids)), cpu_seconds(aws_proc.pid), time.monotonic()
             r = _load(url, urls_file, rate=rate, duration=a.duration, concurrency=a.concurrency)
             wall = time.monotonic() - t0
-            cpu = cpu_seconds(pid) - cpu0
+            cpu = sum(map(cpu_seconds, pids)) - cpu0
             r["target"] = name
             r["server_cpu_pct"] = 100 * cpu / wall
             r["server_cpu_ms_per_ok"] = _per_callback_ms(cpu, r["ok"])
@@ -523,6 +532,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "aws": a.aws,
         "aws_latency_ms": list(latency_ms) if stubbed else None,
         "ledger_callback_batch_items": settings.ledger.callback_batch_items,
+        "replicas": a.replicas,
         "summary": summarize(runs),
         "runs": runs,
     }
@@ -560,7 +570,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for s in out:
             if s["offered"].startswith("saturation") and s["target"].startswith("ours"):
                 s["ratio_to_bare"] = s["sustained_per_s"] / sat["bare"]
-                if sat.get("emulator"):
+                if sat.get("emulator") and s["target"] == "ours":  # the emulator makes ours' calls, not deferred's
                     s["ratio_to_emulator"] = s["sustained_per_s"] / sat["emulator"]
     return out
 
@@ -630,6 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: bare (the ceiling), ours (LEDGER__TOKEN_CALLBACKS_AT as configured, default "
         "receiver), ours_deferred (the same service with LEDGER__TOKEN_CALLBACKS_AT=worker)",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="processes per target (the bare handler too), called in turn as a load balancer would; server CPU "
+        "figures are their sum",
+    )
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -648,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in a.targets.split(",") if n]
     if not names or set(names) - set(TARGETS):
         p.error(f"--targets takes a comma-separated list of {', '.join(TARGETS)}, got {a.targets!r}")
+    if a.replicas < 1:
+        p.error("--replicas must be at least 1")
     try:
         _aws_latency_ms(a.aws_latency_ms)
     except ValueError as exc:

@@ -75,7 +75,8 @@ class CallbackRecorder:
     async def admit(self, message: WorkMessage) -> bool:
         """The worker's side of a deferred token callback: count it as the receiver would have; False (drop the
         message, do no work) when it is refused. A ledger failure raises :class:`~pipeline.errors.PipelineError`
-        (the message is retried)."""
+        (the message is retried). A message redelivered after a crash is counted again: ``callback_count`` is
+        informational, and the job's lease, not the count, keeps the work from running twice."""
         if message.submission_id is None:
             return True
         try:

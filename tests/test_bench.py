@@ -162,10 +162,21 @@ def test_callbacks_quick_against_the_aws_stub(tmp_path: Path) -> None:
         assert set(r["aws_calls_per_ok"]) == {"SendMessageBatch"} and 0 < r["aws_calls_per_ok"]["SendMessageBatch"] <= 1
 
 
+def test_callback_urls_take_turns_across_replicas(tmp_path: Path) -> None:
+    urls = tmp_path / "urls.txt"
+    urls.write_text("/cb?jobId=1\n/cb?jobId=2\n/cb?jobId=3\n")
+    assert bench.callbacks._read_urls("http://a:1/,http://b:2", str(urls)) == [
+        "http://a:1/cb?jobId=1",
+        "http://b:2/cb?jobId=2",
+        "http://a:1/cb?jobId=3",
+    ]
+
+
 def test_callbacks_option_errors(capsys: Any) -> None:
     for argv, message in (
         (["--targets", "ours,nginx"], "--targets takes a comma-separated list of bare, ours, ours_deferred"),
         (["--aws-latency-ms", "1,2,3"], "--aws-latency-ms takes DYNAMODB,SQS milliseconds"),
+        (["--replicas", "0"], "--replicas must be at least 1"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             bench.callbacks.main(argv)
