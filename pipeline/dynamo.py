@@ -102,9 +102,12 @@ class DynamoTable:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
                 raise ConditionFailed(exc.response.get("Item")) from exc
-            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+            raise self._failed(op, exc) from exc
         except BotoCoreError as exc:
-            raise LedgerError(f"dynamodb {op} on {self._table} failed: {exc}") from exc
+            raise self._failed(op, exc) from exc
+
+    def _failed(self, op: str, exc: Exception) -> LedgerError:
+        return LedgerError(f"dynamodb {op} on {self._table} failed: {exc}")
 
     async def _update(
         self,
@@ -146,8 +149,8 @@ class DynamoTable:
             return None
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
-                raise LedgerError(f"dynamodb transact_write_items on {self._table} failed: {exc}") from exc
+                raise self._failed("transact_write_items", exc) from exc
             reasons = exc.response.get("CancellationReasons") or []
             return [str((reasons[i] if i < len(reasons) else {}).get("Code", "None")) for i in range(len(updates))]
         except BotoCoreError as exc:
-            raise LedgerError(f"dynamodb transact_write_items on {self._table} failed: {exc}") from exc
+            raise self._failed("transact_write_items", exc) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -36,14 +36,6 @@ class LeaseLost(LedgerError):
     def __init__(self, message: str, *, current: LedgerItem | None = None) -> None:
         super().__init__(message)
         self.current = current
-
-
-KNOWN_FIELDS = {
-    "job_id", "state", "submission_id", "job_name", "partner", "project", "submitted_at", "updated_at",
-    "notified_at", "callback_count", "lease_owner", "lease_until", "attempts", "manifest_key", "record_count",
-    "total_bytes", "event_id", "error_reason", "error_message", "expires_at", "notification_ids",
-    "last_callback_status", "request",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,6 +107,10 @@ class LedgerItem:
             expires_at=raw.get("expires_at"),
             extra={k: v for k, v in raw.items() if k not in KNOWN_FIELDS},
         )
+
+
+KNOWN_FIELDS = frozenset(f.name for f in fields(LedgerItem)) - {"extra"}
+"""The attributes :class:`LedgerItem` reads into fields of its own; any other attribute lands in ``extra``."""
 
 
 @dataclass(frozen=True)
