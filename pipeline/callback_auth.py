@@ -75,8 +75,10 @@ def parse_networks(cidrs: Sequence[str]) -> tuple[IPNetwork, ...]:
     return _networks(tuple(cidrs))
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_ip(value: str | None) -> IPAddress | None:
-    """An address from a peer or an X-Forwarded-For entry (``[v6]:port`` and ``v4:port`` tolerated)."""
+    """An address from a peer or an X-Forwarded-For entry (``[v6]:port`` and ``v4:port`` tolerated). Cached: the
+    peers of a receiver behind a load balancer are a few addresses, and parsing one costs more than the token check."""
     if not value:
         return None
     text = value.strip()

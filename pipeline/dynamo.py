@@ -50,19 +50,25 @@ def decode(attr: Mapping[str, Any]) -> Any:
 
 
 class Expr:
-    """Collects ``#name`` / ``:value`` placeholders for one DynamoDB expression set."""
+    """Collects ``#name`` / ``:value`` placeholders for one DynamoDB expression set. Equal values share one
+    placeholder: every value is serialised, signed and parsed once per request, however often it is used."""
 
     def __init__(self) -> None:
         self.names: dict[str, str] = {}
         self.values: dict[str, Any] = {}
+        self._placeholders: dict[str, str] = {}  # repr of the encoded value -> its placeholder
 
     def n(self, name: str) -> str:
         self.names[f"#{name}"] = name
         return f"#{name}"
 
     def v(self, value: Any) -> str:
-        ph = f":v{len(self.values)}"
-        self.values[ph] = encode(value)
+        encoded = encode(value)
+        key = repr(encoded)
+        ph = self._placeholders.get(key)
+        if ph is None:
+            ph = self._placeholders[key] = f":v{len(self.values)}"
+            self.values[ph] = encoded
         return ph
 
     def sets(self, fields: Mapping[str, Any]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from pipeline.aws import AwsClients
+from pipeline.dynamo import Expr
 from pipeline.errors import LedgerError
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
 from pipeline.settings import LedgerSettings
@@ -357,3 +358,17 @@ def test_item_from_raw_keeps_unknown_attributes() -> None:
     assert item.record_count == 12 and item.lease_until == 1.5 and item.notification_ids == {"a"}
     assert item.extra == {"flag": True, "nothing": None, "nums": {1, 2.5}, "lst": ["x"]}
     assert item.lease_live(1.0) and not item.lease_live(2.0)
+
+
+def test_expression_values_share_one_placeholder_per_value() -> None:
+    e = Expr()
+    now = 1_790_000_000.25
+    first, again, other, text = e.v(now), e.v(now), e.v(now + 1), e.v("notified")
+    assert first == again != other != text
+    assert e.v({"b", "a"}) == e.v({"a", "b"})  # sets are encoded sorted: equal sets, one placeholder
+    assert e.kwargs()["ExpressionAttributeValues"] == {
+        first: {"N": "1790000000.250000"},
+        other: {"N": "1790000001.250000"},
+        text: {"S": "notified"},
+        e.v({"a", "b"}): {"SS": ["a", "b"]},
+    }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import Any
@@ -185,3 +187,34 @@ async def test_health_and_readiness(moto_server: MotoServer) -> None:
                 assert body["status"] == "not_ready"
                 assert set(body["checks"]) == {"queue", "ledger", "s3"}
                 assert all(v.startswith("error: ") for v in body["checks"].values()), body
+
+
+def test_configured_json_lines_keep_their_fields_without_caller_lookup() -> None:
+    """configure_logging turns off the per-record caller, thread and process lookups; the lines lose nothing."""
+    code = """
+import logging
+from pipeline.logs import bound, configure_logging
+configure_logging("INFO", "json")
+seen = []
+logging.getLogger().handlers[0].addFilter(lambda r: seen.append(r) or True)
+log = logging.getLogger("pipeline.callbacks")
+with bound(job_id="a" * 32, track_id="t-1"):
+    log.info("callback accepted (status %s, via %s)", "completed", "token", extra={"records": 3})
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.exception("failed")
+assert seen and all(r.lineno == 0 and r.thread is None and r.process is None for r in seen), seen
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = (orjson.loads(line) for line in proc.stderr.splitlines())
+    assert first["message"] == "callback accepted (status completed, via token)"
+    assert (first["level"], first["logger"], first["job_id"], first["track_id"]) == (
+        "INFO",
+        "pipeline.callbacks",
+        "a" * 32,
+        "t-1",
+    )
+    assert first["records"] == 3 and first["time"].endswith("+00:00")
+    assert second["message"] == "failed" and "ZeroDivisionError" in second["exc"]
