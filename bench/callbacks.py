@@ -483,11 +483,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             bare_urls.append(f"http://127.0.0.1:{bare_port}")
             bare_pids.append(bare.pid)
         targets["bare"] = (",".join(bare_urls), bare_pids)
-        plan: list[tuple[float | None, str]] = []
-        for offered in rates:
-            for _ in range(a.repeat):
+        plan: list[tuple[float | None, str]] = []  # each repetition: every rate, then saturation; targets in turn
+        for _ in range(a.repeat):
+            for offered in [*rates, None]:
                 plan += [(offered, n) for n in names]
-        plan += [(None, n) for n in names]
         for rate, name in plan:
             url, pids = targets[name]
             if name != "bare" and purge:
@@ -552,9 +551,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "target": target,
                 "offered": "saturation (closed loop)" if not rate else f"{rate:g}/s",
+                "runs": len(rs),
                 "sustained_per_s": median([r["sustained_per_s"] for r in rs]),
+                "sustained_range": (min(r["sustained_per_s"] for r in rs), max(r["sustained_per_s"] for r in rs)),
                 "p50_ms": median([r["p50_ms"] for r in rs]),
                 "p99_ms": median([r["p99_ms"] for r in rs]),
+                "p99_range": (min(r["p99_ms"] for r in rs), max(r["p99_ms"] for r in rs)),
                 "errors": sum(sum(v for s, v in r["statuses"].items() if not s.startswith("2")) for r in rs),
                 "dropped": sum(r["dropped"] for r in rs),
                 "server_cpu_pct": median([r["server_cpu_pct"] for r in rs]),
@@ -575,9 +577,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _span(lo_hi: tuple[float, float]) -> str:
+    lo, hi = lo_hi
+    return f"{lo:.3g}-{hi:.3g}"
+
+
 def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
     """The summary as a Markdown table. "server CPU ms/ok": the server's user+sys CPU per 2xx answer."""
-    headers = ["target", "offered", "sustained/s", "p50 ms", "p99 ms", "errors", "server CPU %", "server CPU ms/ok"]
+    headers = ["target", "offered", "runs", "sustained/s", "min-max", "p50 ms", "p99 ms", "min-max", "errors"]
+    headers += ["server CPU %", "server CPU ms/ok"]
     headers += [f"{aws} CPU %"]
     with_calls = any("aws_calls_per_ok" in s for s in summary)
     if with_calls:
@@ -587,9 +595,12 @@ def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
         row = [
             s["target"],
             s["offered"],
+            s["runs"],
             s["sustained_per_s"],
+            _span(s["sustained_range"]),
             s["p50_ms"],
             s["p99_ms"],
+            _span(s["p99_range"]),
             s["errors"] + s["dropped"],
             s["server_cpu_pct"],
             "-" if s["server_cpu_ms_per_ok"] != s["server_cpu_ms_per_ok"] else s["server_cpu_ms_per_ok"],  # NaN
@@ -612,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.callbacks", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="100,500,1000", help="offered rates, requests/s, comma-separated")
     p.add_argument("--duration", type=float, default=15.0, help="seconds per run")
-    p.add_argument("--repeat", type=int, default=1, help="runs per rate and target")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="repetitions of the whole plan (every rate, then saturation); medians"
+    )
     p.add_argument("--concurrency", type=int, default=32, help="connections of the closed-loop saturation run")
     p.add_argument("--pool", type=int, default=2000, help="submitted jobs seeded in the ledger and called back")
     p.add_argument("--quick", action="store_true", help="CI smoke: 10/s for 1 s, a pool of 50 jobs")

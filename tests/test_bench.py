@@ -196,3 +196,38 @@ def test_verifier_quick(tmp_path: Path) -> None:
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"csv_module", "ours_python", "ours"}
     assert rows["ours"]["x_ours"] == 1 and rows["csv_module"]["cpu_s_per_gib"] > 0
+
+
+def test_callbacks_summary_takes_medians_and_ranges_over_repetitions() -> None:
+    def run(target: str, rate: float | None, sustained: float, p99: float) -> dict[str, Any]:
+        return {
+            "target": target,
+            "offered_rate": rate,
+            "sustained_per_s": sustained,
+            "p50_ms": p99 / 2,
+            "p99_ms": p99,
+            "statuses": {"202": 10} if target != "bare" else {"200": 10},
+            "dropped": 0,
+            "server_cpu_pct": 50.0,
+            "server_cpu_ms_per_ok": 0.5,
+            "aws_cpu_pct": 10.0,
+        }
+
+    runs = [
+        run("bare", None, 1000, 5),
+        run("ours", None, 300, 20),
+        run("bare", None, 1200, 4),
+        run("ours", None, 360, 30),
+        run("bare", None, 900, 6),
+        run("ours", None, 330, 10),
+        run("ours", 500.0, 500, 12),
+    ]
+    rows = {(s["target"], s["offered"]): s for s in bench.callbacks.summarize(runs)}
+    sat = rows[("ours", "saturation (closed loop)")]
+    assert (sat["runs"], sat["sustained_per_s"], sat["sustained_range"]) == (3, 330, (300, 360))
+    assert (sat["p99_ms"], sat["p99_range"]) == (20, (10, 30))
+    assert sat["ratio_to_bare"] == pytest.approx(330 / 1000)  # median against median
+    assert rows[("ours", "500/s")]["runs"] == 1
+    text = bench.callbacks.render(bench.callbacks.summarize(runs), "stub")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ours ")]
+    assert ["ours", "saturation (closed loop)", "3", "330", "300-360", "10", "20", "10-30"] in [c[:8] for c in cells]
