@@ -28,6 +28,10 @@ matrix with the default.
     python -m bench.callbacks --rates 100,500,1000 --duration 15 --ledger-batch-items 1
     python -m bench.callbacks --aws stub --aws-latency-ms 4,8 --rates 200,500 --duration 15
     python -m bench.callbacks --quick [--aws stub]
+
+``--tree DIR`` adds ``ours_tree`` and ``ours_deferred_tree``: the same two services run from another source tree
+(an older commit, say), interleaved with this tree's in the same run, so a change is measured side by side with
+what it replaces rather than against figures from another hour of a noisy machine.
 """
 
 from __future__ import annotations
@@ -409,7 +413,21 @@ async def _emulator_ceiling(
     }
 
 
-TARGETS = ("bare", "ours", "ours_deferred")
+OURS = ("ours", "ours_deferred", "ours_tree", "ours_deferred_tree")
+TARGETS = ("bare", *OURS)
+
+
+def _pipeline_source(env: dict[str, str], cwd: Path | None, tree: Path | None) -> str:
+    """Where ``python -m pipeline`` finds the package with this environment and working directory; with a
+    ``tree``, refuse to go on unless it is that tree's (an editable install would otherwise win unnoticed)."""
+    code = "import pipeline; print(pipeline.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, check=True
+    )
+    source = str(Path(out.stdout.strip()).parent)
+    if tree is not None and Path(source) != tree / "pipeline":
+        raise RuntimeError(f"--tree {tree}: python -m pipeline there imports {source}")
+    return source
 
 
 def _aws_latency_ms(text: str) -> tuple[float, float]:
@@ -457,17 +475,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         purge = not stubbed and not a.quick  # moto slows as the unconsumed queue grows: start each run clean
         names = [n for n in a.targets.split(",") if n]
         targets: dict[str, tuple[str, list[int]]] = {}  # name -> (base URLs, comma-separated; pids)
-        for name in ("ours", "ours_deferred"):
+        sources: dict[str, str] = {}  # target -> the pipeline package its service runs
+        for name in OURS:
             if name not in names:
                 continue
-            at = "worker" if name == "ours_deferred" else settings.ledger.token_callbacks_at
+            at = "worker" if "deferred" in name else settings.ledger.token_callbacks_at
             ledger = settings.ledger.model_copy(update={"token_callbacks_at": at})
+            tree = Path(a.tree).resolve() if name.endswith("_tree") else None
+            env, cwd = ({"PYTHONPATH": str(tree)}, tree) if tree else ({}, None)
+            sources[name] = _pipeline_source(env, cwd, tree)
             replicas = []
             for i in range(a.replicas):
                 svc_settings = settings.model_copy(
                     update={"ledger": ledger, "http": settings.http.model_copy(update={"port": free_port()})}
                 )
-                service = ServiceProcess(svc_settings, tmp / f"{name}-{i}.log").start()
+                service = ServiceProcess(svc_settings, tmp / f"{name}-{i}.log").start(extra_env=env, cwd=cwd)
                 exits.callback(service.terminate)
                 for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load botocore's models
                     urllib.request.urlopen(service.url + path, timeout=30).close()
@@ -505,7 +527,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 r["aws_calls_per_ok"] = {op: n / r["ok"] for op, n in sorted(calls.items())} if r["ok"] else {}
             runs.append(r)
             print(
-                f"  {name:13s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
+                f"  {name:18s} {r['mode']:6s} rate {rate or '-':>6} -> {r['sustained_per_s']:7.1f}/s "
                 f"p50 {r['p50_ms']:7.2f}ms p99 {r['p99_ms']:8.2f}ms  server cpu {r['server_cpu_pct']:5.1f}% "
                 f"= {r['server_cpu_ms_per_ok']:5.2f}ms/ok  {a.aws} cpu {r['aws_cpu_pct']:5.1f}%  {r['statuses']}"
                 + (f"  AWS calls/ok {_fmt_calls(r['aws_calls_per_ok'])}" if "aws_calls_per_ok" in r else ""),
@@ -532,6 +554,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "aws_latency_ms": list(latency_ms) if stubbed else None,
         "ledger_callback_batch_items": settings.ledger.callback_batch_items,
         "replicas": a.replicas,
+        "sources": sources,
         "summary": summarize(runs),
         "runs": runs,
     }
@@ -649,9 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--targets",
-        default="bare,ours,ours_deferred",
         help="comma-separated: bare (the ceiling), ours (LEDGER__TOKEN_CALLBACKS_AT as configured, default "
-        "receiver), ours_deferred (the same service with LEDGER__TOKEN_CALLBACKS_AT=worker)",
+        "receiver), ours_deferred (the same service with LEDGER__TOKEN_CALLBACKS_AT=worker); with --tree, also "
+        "ours_tree and ours_deferred_tree (default: all of them)",
+    )
+    p.add_argument(
+        "--tree",
+        metavar="DIR",
+        help="the ours_tree targets: the service run from another source tree, side by side with this one (e.g. an "
+        "older commit: git archive REF pipeline | tar -x -C DIR, plus the built pipeline/_csvscan*.so)",
     )
     p.add_argument(
         "--replicas",
@@ -675,9 +704,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_loadgen(a)
     if a.quick:
         a.rates, a.duration, a.repeat, a.concurrency, a.pool = "10", 1.0, 1, 4, 50
+    if a.targets is None:
+        a.targets = ",".join(t for t in TARGETS if a.tree or not t.endswith("_tree"))
     names = [n for n in a.targets.split(",") if n]
     if not names or set(names) - set(TARGETS):
         p.error(f"--targets takes a comma-separated list of {', '.join(TARGETS)}, got {a.targets!r}")
+    if any(n.endswith("_tree") for n in names) and not a.tree:
+        p.error("the ours_tree targets need --tree DIR")
+    if a.tree and not (Path(a.tree) / "pipeline" / "app.py").is_file():
+        p.error(f"--tree {a.tree}: no pipeline/app.py there")
     if a.replicas < 1:
         p.error("--replicas must be at least 1")
     try:

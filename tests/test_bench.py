@@ -3,6 +3,7 @@ table and write their JSON (into a temporary results directory)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import bench.callbacks
 import bench.common
 import bench.transfer
 from bench.common import RcloneUnavailable, find_rclone, parse_size, percentile, table
+
+ROOT = Path(bench.callbacks.__file__).resolve().parents[1]
 
 
 def run_bench(module: str, tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -177,6 +180,8 @@ def test_callbacks_option_errors(capsys: Any) -> None:
         (["--targets", "ours,nginx"], "--targets takes a comma-separated list of bare, ours, ours_deferred"),
         (["--aws-latency-ms", "1,2,3"], "--aws-latency-ms takes DYNAMODB,SQS milliseconds"),
         (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--targets", "bare,ours_tree"], "the ours_tree targets need --tree DIR"),
+        (["--tree", "/nonexistent"], "--tree /nonexistent: no pipeline/app.py there"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             bench.callbacks.main(argv)
@@ -231,3 +236,14 @@ def test_callbacks_summary_takes_medians_and_ranges_over_repetitions() -> None:
     text = bench.callbacks.render(bench.callbacks.summarize(runs), "stub")
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ours ")]
     assert ["ours", "saturation (closed loop)", "3", "330", "300-360", "10", "20", "10-30"] in [c[:8] for c in cells]
+
+
+def test_callbacks_tree_target_runs_the_other_tree(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "pipeline", tree / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_bench("bench.callbacks", out, "--aws", "stub", "--targets", "bare,ours,ours_tree", "--tree", str(tree))
+    assert result["sources"] == {"ours": str(ROOT / "pipeline"), "ours_tree": str(tree / "pipeline")}
+    tree_runs = [r for r in result["runs"] if r["target"] == "ours_tree"]
+    assert tree_runs and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in tree_runs)

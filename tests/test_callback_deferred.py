@@ -22,7 +22,16 @@ from pipeline.testing.stack import Stack, running_stack
 from pipeline.worker import Worker, retry_delay_s
 from pipeline.workqueue import ReceivedWork
 from tests.test_callback_fastpath import dynamodb_calls
-from tests.test_callback_security import call, callback_counts, callback_url, security, sim, submit_quietly, token_of
+from tests.test_callback_security import (
+    call,
+    callback_counts,
+    callback_url,
+    security,
+    sim,
+    submit_quietly,
+    token_of,
+    two_quiet_jobs,
+)
 
 
 def deferred(s: Settings) -> Settings:
@@ -44,10 +53,8 @@ async def test_receiver_enqueues_without_the_ledger_and_the_worker_drops_a_cross
     moto_server: MotoServer,
 ) -> None:
     async with running_stack(moto_server.url, sim_config=sim(), tweak=deferred, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        a = await submit_quietly(stack, "a")
-        b = await submit_quietly(stack, "b")
+        a, b = await two_quiet_jobs(stack)
         job_a, job_b = a.job.id or "", b.job.id or ""
         async with aiohttp.ClientSession() as http:
             with dynamodb_calls(stack) as ops:

@@ -20,7 +20,16 @@ from pipeline.ledger import JobState
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import Stack, running_stack
 from pipeline.tokens import new_submission_id
-from tests.test_callback_security import call, callback_counts, callback_url, security, sim, submit_quietly, token_of
+from tests.test_callback_security import (
+    call,
+    callback_counts,
+    callback_url,
+    security,
+    sim,
+    submit_quietly,
+    token_of,
+    two_quiet_jobs,
+)
 
 
 @contextmanager
@@ -74,10 +83,8 @@ async def test_submitted_jobs_callback_is_one_update_and_duplicates_are_still_ca
 
 async def test_other_token_callbacks_take_the_general_path(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        a = await submit_quietly(stack, "a")
-        b = await submit_quietly(stack, "b")
+        a, b = await two_quiet_jobs(stack)
         job_a, job_b = a.job.id or "", b.job.id or ""
         async with aiohttp.ClientSession() as http:
             # a token whose submission is recorded on another job: refused, nothing counted or enqueued

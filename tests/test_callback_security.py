@@ -116,14 +116,18 @@ async def submit_quietly(stack: Stack, name: str, signer: TokenSigner | None = N
     return submitted
 
 
+async def two_quiet_jobs(stack: Stack) -> tuple[Submitted, Submitted]:
+    """Jobs ``a`` and ``b``, submitted and finished by AQuA with their callbacks lost: the test makes them."""
+    stack.sim.faults.lose_callbacks = True
+    return await submit_quietly(stack, "a"), await submit_quietly(stack, "b")
+
+
 async def test_tokens_accept_the_genuine_and_refuse_the_rest(
     moto_server: MotoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
-        a = await submit_quietly(stack, "a")
-        b = await submit_quietly(stack, "b")
+        a, b = await two_quiet_jobs(stack)
         job_a, job_b = a.job.id or "", b.job.id or ""
         tok_a, tok_b = token_of(a), token_of(b)
         head, _, mac = tok_a.rpartition(".")

@@ -62,14 +62,16 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.settings.http.port}"
 
-    def start(self, *, timeout_s: float = 30.0, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-        """Start and wait until ``/healthz`` answers."""
+    def start(
+        self, *, timeout_s: float = 30.0, extra_env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> ServiceProcess:
+        """Start (in ``cwd``, default this process's) and wait until ``/healthz`` answers."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
         env.update(extra_env or {})
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "pipeline", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
         )
         log.close()
         deadline = time.monotonic() + timeout_s
