@@ -55,7 +55,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import command_line, machine, median, moto, percentile, table, wait_http, write_results
+from bench.common import cell, command_line, machine, median, moto, percentile, table, wait_http, write_results
 from pipeline.testing.moto import MotoServer, free_port
 
 CALLBACK_PATH = "/callbacks/aqua"
@@ -602,7 +602,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _span(lo_hi: tuple[float, float]) -> str:
     lo, hi = lo_hi
-    return f"{lo:.3g}-{hi:.3g}"
+    return "-" if lo == hi else f"{cell(lo)}-{cell(hi)}"
 
 
 def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
