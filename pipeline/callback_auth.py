@@ -75,10 +75,20 @@ def parse_networks(cidrs: Sequence[str]) -> tuple[IPNetwork, ...]:
     return _networks(tuple(cidrs))
 
 
-@functools.lru_cache(maxsize=4096)
+_CACHED_ADDRESS_LEN = 64
+"""Longer than any address with brackets and port: only values this short are cached, so X-Forwarded-For entries
+(request text) can hold at most 4,096 x 64 characters of the cache."""
+
+
 def _parse_ip(value: str | None) -> IPAddress | None:
     """An address from a peer or an X-Forwarded-For entry (``[v6]:port`` and ``v4:port`` tolerated). Cached: the
     peers of a receiver behind a load balancer are a few addresses, and parsing one costs more than the token check."""
+    if value is not None and len(value) > _CACHED_ADDRESS_LEN:
+        return _parse_ip_text(value)
+    return _parse_ip_cached(value)
+
+
+def _parse_ip_text(value: str | None) -> IPAddress | None:
     if not value:
         return None
     text = value.strip()
@@ -93,6 +103,9 @@ def _parse_ip(value: str | None) -> IPAddress | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+_parse_ip_cached = functools.lru_cache(maxsize=4096)(_parse_ip_text)
 
 
 def _within(ip: IPAddress, networks: Sequence[IPNetwork]) -> bool:

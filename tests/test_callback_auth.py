@@ -289,3 +289,13 @@ def test_property_never_succeeds_without_a_valid_token(
         return
     assert result.method == "token"
     assert query["token"] == _VALID
+
+
+def test_long_forwarded_entries_are_parsed_but_not_cached() -> None:
+    from pipeline.callback_auth import _parse_ip, _parse_ip_cached
+
+    padded = " " * 100 + "10.1.2.3"
+    before = _parse_ip_cached.cache_info().currsize
+    assert str(_parse_ip(padded)) == "10.1.2.3" and _parse_ip("x" * 500) is None
+    assert _parse_ip_cached.cache_info().currsize == before  # request text longer than an address is never kept
+    assert str(_parse_ip("10.9.8.7:443")) == "10.9.8.7" and _parse_ip_cached.cache_info().currsize == before + 1
