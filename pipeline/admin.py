@@ -43,7 +43,8 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
                 return error_response(403, "admin_disabled", "set AQUA_PIPELINE_SECURITY__ADMIN_TOKEN to enable")
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token.get_secret_value()}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # surrogateescape: aiohttp decodes header bytes that are not UTF-8 as lone surrogates
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
                 return error_response(
                     401, "unauthorized", "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
                 )

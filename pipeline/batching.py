@@ -75,16 +75,23 @@ class NaturalBatcher(Generic[T, R]):
         self._waiting[:0] = entries
 
     async def _drain(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._take(self._waiting)
-            try:
-                await self._send(batch)
-            except BaseException as exc:
-                err = self._error(exc)
-                for entry in batch + self._waiting:
-                    entry.fail(err)
-                self._waiting.clear()
-                raise
+        try:
+            while self._waiting:
+                batch, self._waiting = self._take(self._waiting)
+                try:
+                    await self._send(batch)
+                except BaseException as exc:
+                    err = self._error(exc)
+                    for entry in batch + self._waiting:
+                        entry.fail(err)
+                    self._waiting.clear()
+                    raise
+        finally:
+            # Leave the in-flight count now, not in the task's done-callback: that runs a loop turn later, and an
+            # item submitted in between would see no free call and wait for the next submit to start one.
+            task = asyncio.current_task()
+            if task is not None:
+                self._drains.discard(task)
 
 
 def first(n: int) -> Callable[[list[Waiting[T, R]]], tuple[list[Waiting[T, R]], list[Waiting[T, R]]]]:

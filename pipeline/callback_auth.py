@@ -178,7 +178,9 @@ def check_shared_secret(value: str | None, secret: SecretStr) -> None:
     """Check a shared secret: 401 ``secret_required`` when absent, 403 ``secret_invalid`` when wrong."""
     if not value:
         raise CallbackRejected("callback needs the shared secret", status=401, code="secret_required")
-    if len(value) > MAX_CREDENTIAL_LEN or not _same(value.encode(), secret.get_secret_value().encode()):
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates; surrogateescape gives those bytes back.
+    given = value.encode("utf-8", "surrogateescape")
+    if len(value) > MAX_CREDENTIAL_LEN or not _same(given, secret.get_secret_value().encode()):
         raise CallbackRejected("callback shared secret is not valid", status=403, code="secret_invalid")
 
 

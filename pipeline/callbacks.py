@@ -160,7 +160,10 @@ class CallbackHandler:
 
     async def _handle(self, request: web.Request) -> web.Response:
         fields = await read_fields(request)
-        auth: AuthResult = self.authenticator.authenticate(query=fields, headers=request.headers, remote=request.remote)
+        # the query as sent, not the merged fields: a repeated token or secret must be seen to be refused
+        auth: AuthResult = self.authenticator.authenticate(
+            query=request.query, headers=request.headers, remote=request.remote
+        )
         params = parse_params(fields, request.headers)
         submission_id = auth.claim.submission_id if auth.claim is not None else None
         with bound(job_id=params.job_id, track_id=params.track_id):

@@ -141,6 +141,7 @@ async def test_tokens_accept_the_genuine_and_refuse_the_rest(
             ("GET", callback_url(stack, job_b, tok_a), {}, 403, "token_job_mismatch"),  # cross-job
             ("GET", callback_url(stack, job_a, None), {}, 401, "token_required"),
             ("GET", callback_url(stack, job_a, "v1.short"), {}, 401, "token_malformed"),
+            ("GET", callback_url(stack, job_a, tok_a) + "&token=junk", {}, 401, "token_malformed"),  # two tokens
             ("GET", callback_url(stack, "z" * 32, tok_a), {}, 400, "invalid_job_id"),
             ("GET", callback_url(stack, job_a, tok_a, status="exploded"), {}, 400, "invalid_status"),
             ("POST", f"{base}?token={tok_a}", {"data": b"{nope", "headers": {"Content-Type": "application/json"}}, 400,
@@ -172,7 +173,7 @@ async def test_tokens_accept_the_genuine_and_refuse_the_rest(
         assert counts["accepted"] == 2
         for code in ("token_invalid", "token_expired", "token_job_mismatch", "token_required", "invalid_job_id"):
             assert counts[code] == 1, (code, counts)
-        assert counts["token_malformed"] == 1
+        assert counts["token_malformed"] == 2
         assert counts["malformed_body"] == 3
         assert counts["payload_too_large"] == 1, counts
         item_b = await stack.components.ledger.get(job_b)

@@ -315,6 +315,24 @@ async def test_oversized_request_lines_headers_and_bodies_are_refused(moto_serve
         assert await stack.components.queue.depth() == 0
 
 
+def with_admin_and_secret(s: Settings) -> Settings:
+    s = with_admin(s)
+    return s.model_copy(update={"security": s.security.model_copy(update={"shared_secret": SecretStr("s3cret")})})
+
+
+async def test_credentials_that_are_not_utf8_are_refused_not_server_errors(moto_server: MotoServer) -> None:
+    """Header bytes that are not UTF-8 reach the handlers as lone surrogates; comparing them must refuse the
+    request (403, 401), not fail to encode them (500 and an error traceback in the log)."""
+    async with running_stack(moto_server.url, tweak=with_admin_and_secret, run_worker=False) as stack:
+        callback = f"GET {stack.settings.http.callback_path}?jobId={'a' * 32} HTTP/1.1\r\nHost: x\r\n".encode()
+        for secret in (b"wrong", b"wr\xffong", b"\xc3\x28"):
+            assert await raw_status(stack, callback + b"X-Aqua-Pipeline-Secret: " + secret + b"\r\n\r\n") == 403
+        admin = b"GET /admin/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        for token in (b"wrong", b"\xff" + ADMIN_TOKEN.encode()):
+            assert await raw_status(stack, admin + token + b"\r\n\r\n") == 401
+        assert await stack.components.queue.depth() == 0
+
+
 # -- slow clients ---------------------------------------------------------------------------------------
 
 
