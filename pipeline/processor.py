@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pipeline.aqua.client import AquaClient
-from pipeline.aqua.models import Batch, Job, JobStatus
+from pipeline.aqua.models import Batch, BatchStatus, Job, JobStatus
 from pipeline.errors import AquaNotFound, IntegrityError, PipelineError
 from pipeline.events import EventPublisher, completed_event, failed_event
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
@@ -108,7 +108,9 @@ class JobProcessor:
                     if exc.retryable and not final_attempt:
                         log.warning("retryable failure: %s", exc)
                         await self.ledger.release(job_id, owner)
-                        return ProcessResult(Outcome.RETRY, reason=exc.reason)
+                        # a server's Retry-After (AquaRateLimited) outlives this attempt: the message waits for it
+                        wait = getattr(exc, "retry_after", None)
+                        return ProcessResult(Outcome.RETRY, reason=exc.reason, retry_after_s=wait)
                     log.error("job failed: %s", exc)
                     await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None, lease_s=lease_s)
                     outcome = Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED
@@ -138,6 +140,15 @@ class JobProcessor:
             message = "; ".join(f"{b.name}: {b.message}" for b in job.batches if b.message) or (job.message or "")
             await self._fail(job_id, owner, reason=f"job_{job.status}", message=message, job=job, lease_s=lease_s)
             return ProcessResult(Outcome.FAILED, reason=f"job_{job.status}")
+        unfinished = [b for b in job.batches if (b.status or "").lower() != BatchStatus.COMPLETED]
+        if unfinished:
+            # AQuA says completed, yet a batch did not complete: landing the rest as a success would drop it unseen.
+            message = "AQuA reports the job completed, but " + "; ".join(
+                f"batch {b.name} is {b.status}" + (f" ({b.message})" if b.message else "") for b in unfinished
+            )
+            log.error("%s", message)
+            await self._fail(job_id, owner, reason="batch_not_completed", message=message, job=job, lease_s=lease_s)
+            return ProcessResult(Outcome.FAILED, reason="batch_not_completed")
         if not await self._hold_session(job):
             log.info("stateful session %s/%s is busy with another job; will retry", job.partner, job.project)
             await self.ledger.release(job_id, owner)
@@ -171,8 +182,6 @@ class JobProcessor:
     async def _store_batch(self, job: Job, batch: Batch, owner: str) -> list[ManifestObject]:
         kind = _KINDS.get((job.format or "CSV").upper(), "csv")
         file_ids = batch.file_ids
-        if batch.status != "completed":
-            return []
         if not file_ids:
             if batch.record_count:
                 raise PipelineError(f"batch {batch.name} completed with {batch.record_count} records but no file id")

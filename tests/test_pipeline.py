@@ -174,6 +174,26 @@ async def test_cancelled_job_ends_in_a_failure_event(moto_server: MotoServer) ->
         assert listed.get("KeyCount", 0) == 0
 
 
+async def test_a_completed_job_with_a_batch_that_did_not_complete_fails_and_lands_nothing(
+    moto_server: MotoServer,
+) -> None:
+    """AQuA says ``completed`` but the Invoice batch is ``deleted_notallowed`` (no file): publishing the Account
+    file alone as a completed job would lose Invoice without a word, so the job fails, naming the batch."""
+    async with running_stack(moto_server.url) as stack:
+        stack.sim.faults.batch_status_on_completed_job = {"Invoice": "deleted_notallowed"}
+        _, item = await land(stack, request())
+        assert item.state == JobState.failed
+        assert item.error_reason == "batch_not_completed"
+        events = await stack.drain_events()
+        assert [(e["type"], e["data"]["reason"]) for e in events] == [
+            ("com.zuora.aqua.export.failed", "batch_not_completed")
+        ]
+        assert events[0]["data"]["aqua_status"] == "completed"
+        assert "batch Invoice is deleted_notallowed" in events[0]["data"]["message"]
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0
+
+
 async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url) as stack:
         stack.sim.faults.abort_batches = True

@@ -20,6 +20,7 @@ import pytest
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig, file_digest
 from pipeline.ledger import JobState, LedgerItem
+from pipeline.processor import Outcome
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import Stack, running_stack
@@ -144,6 +145,21 @@ async def test_429_storm_with_retry_after_lands_intact(moto_server: MotoServer) 
         assert stack.sim.faults.rate_limit_next == 0  # every 429 was served
         # Retry-After: 1 was honoured (our own backoff is capped at 0.1 s): at least 4 s were spent waiting.
         assert time.monotonic() - started >= 4
+
+
+async def test_a_retry_after_beyond_the_clients_budget_is_passed_on_to_the_queue(moto_server: MotoServer) -> None:
+    """AQuA asks for 600 s, longer than the client waits in-process (``max_retry_time_s``): the attempt ends as a
+    retry that carries the 600 s, so the worker keeps the message away that long instead of its own 5-40 s
+    backoff, and the job is not failed after a few quick receives inside the window the server asked for."""
+    async with running_stack(moto_server.url, sim_config=sim_config(), run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        job_id = (await stack.submit(two_queries())).job.id or ""
+        await stack.components.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+        stack.sim.faults.rate_limit_next, stack.sim.faults.retry_after_s = 100, 600
+        result = await stack.components.processor.process(job_id, owner="test", lease_s=30, final_attempt=False)
+        assert (result.outcome, result.retry_after_s) == (Outcome.RETRY, 600)
+        item = await stack.components.ledger.get(job_id)
+        assert item is not None and not item.done and item.lease_owner is None
 
 
 async def test_5xx_burst_lands_intact(moto_server: MotoServer) -> None:

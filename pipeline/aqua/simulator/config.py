@@ -62,6 +62,9 @@ class Faults(BaseModel):
     abort_batches: bool = False
     abort_query: str | None = None
     abort_message: str = "The query exceeded maximum processing time."
+    batch_status_on_completed_job: dict[str, str] = Field(default_factory=dict)
+    """Query name -> the status its batch ends with (no file) while the job still ends ``completed``: an AQuA
+    answer the documented state machine does not produce (e.g. SDK3's ``deleted_notallowed``)."""
     # callback faults
     duplicate_callbacks: int = Field(default=0, ge=0)
     callback_delay_s: float = Field(default=0.0, ge=0)

@@ -198,6 +198,10 @@ class Simulator:
                 batch.message = faults.abort_message
                 self.finish(job, "aborted")
                 return
+            odd = faults.batch_status_on_completed_job.get(batch.name or "")
+            if odd is not None:
+                batch.status = odd
+                continue
             self._complete_batch(job, batch, session)
         await self._step()
         if not job.finished:
