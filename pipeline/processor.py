@@ -123,6 +123,17 @@ class JobProcessor:
                     await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None, lease_s=lease_s)
                     outcome = Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED
                     return ProcessResult(outcome, reason=exc.reason)
+                except Exception as exc:
+                    # A bug, or an answer no model expects (say, a job body pydantic refuses): retried like a
+                    # transient failure, and failed loudly on the last attempt, so the job (and a stateful session
+                    # it holds) is not left half-done for the reconciler to re-drive into the same error forever.
+                    log.exception("job %s: unexpected error", job_id)
+                    if not final_attempt:
+                        await self.ledger.release(job_id, owner)
+                        return ProcessResult(Outcome.RETRY, reason="internal_error")
+                    message = f"unexpected error: {type(exc).__name__}: {str(exc)[:300]}"
+                    await self._fail(job_id, owner, reason="internal_error", message=message, job=None, lease_s=lease_s)
+                    return ProcessResult(Outcome.FAILED_FINAL, reason="internal_error")
             except LeaseLost as exc:
                 # Another worker owns the job now (our lease expired): it finishes the job; we publish nothing.
                 log.warning("lost the job's lease; leaving it to its new owner: %s", exc)

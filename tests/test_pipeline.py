@@ -315,3 +315,39 @@ async def test_malformed_callbacks_enqueue_nothing(moto_server: MotoServer) -> N
                 assert resp.status == 404
         depth = await stack.components.queue.depth()
         assert depth == 0
+
+
+async def test_an_unexpected_error_is_retried_then_fails_the_job_and_frees_its_session(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a PipelineError (a bug, or a body no model expects): retried while attempts remain, and on the last
+    one the job fails loudly, so its stateful session is released and the session's next job can land."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        session = {"partner": "examplepartner", "project": f"p-{id(stack)}"}
+        first, second = [(await stack.submit(request(name=n, **session))).job.id or "" for n in ("one", "two")]
+        for job_id in (first, second):
+            await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+
+        async def broken(*_: Any, **__: Any) -> Any:
+            raise RuntimeError("a bug in the manifest step")
+
+        monkeypatch.setattr(c.manifests, "commit", broken)
+        result = await c.processor.process(first, owner="w1", lease_s=30, final_attempt=False)
+        assert (result.outcome.value, result.reason) == ("retry", "internal_error")
+        item = await c.ledger.get(first)
+        assert item is not None and not item.done and item.lease_owner is None
+        result = await c.processor.process(first, owner="w2", lease_s=30, final_attempt=True)
+        assert (result.outcome.value, result.reason) == ("failed_final", "internal_error")
+        item = await c.ledger.get(first)
+        assert item is not None and item.state == JobState.failed and item.error_reason == "internal_error"
+        events = await stack.drain_events()
+        assert [(e["type"], e["data"]["reason"]) for e in events] == [
+            ("com.zuora.aqua.export.failed", "internal_error")
+        ]
+        assert "RuntimeError: a bug in the manifest step" in events[0]["data"]["message"]
+
+        monkeypatch.undo()
+        result = await c.processor.process(second, owner="w3", lease_s=30, final_attempt=False)
+        assert result.outcome.value == "published"  # the session the failed job held was taken over
