@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 ProcessFn = Callable[..., Awaitable[ProcessResult]]
 
+MAX_WAIT_S = 24 * 3600
+"""How long after its callback a job may keep waiting (busy lease, busy session, AQuA not done) without using up
+its receives; after that a waiting message follows the normal path to the DLQ."""
+
 
 def retry_delay_s(receive_count: int, *, base: int = 5, cap: int = 900) -> int:
     """Visibility delay before a message is retried: grows with its receive count."""
@@ -171,12 +175,35 @@ class Worker:
             await self._settle(self.queue.set_visibility(work.receipt_handle, 0))
         elif o == Outcome.BUSY:
             busy_for = result.retry_after_s or retry_delay_s(work.receive_count, base=2, cap=60)
-            await self._settle(self.queue.set_visibility(work.receipt_handle, int(busy_for)))
+            await self._wait(work, int(busy_for))
+        elif o == Outcome.NOT_READY:
+            await self._wait(work, max(retry_delay_s(work.receive_count), int(result.retry_after_s or 0)))
         else:
             delay = retry_delay_s(work.receive_count)
             if result.retry_after_s:
                 delay = max(delay, int(result.retry_after_s))
             await self._settle(self.queue.set_visibility(work.receipt_handle, delay))
+
+    async def _wait(self, work: ReceivedWork, delay_s: int) -> None:
+        """Hand a message back for a wait that is no failure: the job is leased by another worker, its stateful
+        session is busy with an earlier job, or AQuA still runs it. Each receive counts towards the queue's
+        ``max_receives``, after which SQS moves the message to the DLQ, so a message at the end of that budget is
+        sent again as a new one (delayed, its receive count starting over) and this one deleted; waiting then
+        never sends a job to the DLQ, for up to :data:`MAX_WAIT_S` after its callback."""
+        msg = work.message
+        near_the_end = work.receive_count >= self.settings.max_receives - 1
+        if msg is not None and near_the_end and time.time() - msg.received_at.timestamp() < MAX_WAIT_S:
+            # The copy needs no second admission: this message passed the deferred ledger check already.
+            copy = msg.model_copy(update={"submission_id": None})
+            try:
+                await self.queue.send(copy, delay_s=max(1, delay_s))
+            except PipelineError as exc:
+                log.warning("could not re-enqueue a waiting job (%s); handing its message back instead", exc)
+            else:
+                log.info("job waits %d s more; re-enqueued it with a fresh receive count", delay_s)
+                await self._settle(self.queue.delete(work.receipt_handle))
+                return
+        await self._settle(self.queue.set_visibility(work.receipt_handle, delay_s))
 
     async def _settle(self, op: Awaitable[None]) -> None:
         try:

@@ -68,3 +68,50 @@ async def test_delayed_send_and_poison_message(aws: AwsClients, queue_url: str) 
         if len(got) == 2:
             break
     assert sorted(w.message is None for w in got) == [False, True]
+
+
+async def next_work(queue: WorkQueue) -> Any:
+    for _ in range(15):
+        got = await queue.receive(1, wait_time_s=1, visibility_s=30)
+        if got:
+            return got[0]
+    raise AssertionError("no message came back")
+
+
+@pytest.mark.parametrize("age_h", [0, 25])
+async def test_a_job_that_waits_does_not_use_up_its_receives(aws: AwsClients, queue_url: str, age_h: int) -> None:
+    """Waiting is no failure (here: the job is leased by another worker, as while a duplicate callback's message
+    waits for the first one's transfer). At the end of its receive budget the message is sent again, fresh, and
+    this one deleted, so SQS never moves it to the DLQ for waiting; unless its callback is older than
+    ``MAX_WAIT_S``, when it takes the normal path (its receive count goes on)."""
+    from datetime import timedelta
+
+    from pipeline.metrics import Metrics
+    from pipeline.models import utcnow
+    from pipeline.processor import Outcome, ProcessResult
+    from pipeline.settings import QueueSettings
+    from pipeline.worker import MAX_WAIT_S, Worker
+
+    assert MAX_WAIT_S < 25 * 3600
+    queue = WorkQueue(aws.sqs, queue_url)
+    sent = WorkMessage(job_id="c" * 32, submission_id="s" * 22, received_at=utcnow() - timedelta(hours=age_h))
+    await queue.send(sent)
+    finals: list[bool] = []
+
+    async def busy(job_id: str, *, final_attempt: bool, **_: Any) -> ProcessResult:
+        finals.append(final_attempt)
+        return ProcessResult(Outcome.BUSY, retry_after_s=1)
+
+    worker = Worker(queue=queue, process=busy, settings=QueueSettings(max_receives=3), metrics=Metrics())
+    seen = []
+    for _ in range(3):
+        work = await next_work(queue)
+        seen.append((work.receive_count, work.message.submission_id, work.message.received_at))
+        await worker._handle(work)
+    if age_h == 0:
+        # received twice, then re-enqueued: the copy starts at 1, keeps the callback's time, needs no admission
+        assert seen == [(1, "s" * 22, sent.received_at), (2, "s" * 22, sent.received_at), (1, None, sent.received_at)]
+        assert finals == [False, False, False]
+    else:
+        assert [count for count, _, _ in seen] == [1, 2, 3]
+        assert finals == [False, False, True]
