@@ -268,8 +268,12 @@ async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = make_runner(app, shutdown_timeout=min(settings.http.shutdown_grace_s, _REQUEST_DRAIN_S))
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, settings.http.host, settings.http.port).start()
+    except BaseException:
+        # the port is taken (say): the worker and reconciler already started, so stop them the graceful way
+        await runner.cleanup()
+        raise
     log.info("serving on %s:%d", settings.http.host, settings.http.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import AquaUnavailable, PipelineError
 from pipeline.logs import configure_logging
@@ -139,6 +140,9 @@ class UsageError(Exception):
 
 
 def _cmd_check_config(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.events import check_event_target
+
+    check_event_target(settings.events)  # what `serve` would refuse at start-up, refused here too
     print(settings.model_dump_json(indent=2))
     return 0
 
@@ -215,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AquaUnavailable as exc:
         print(f"aqua-pipeline: AQuA at {settings.aqua.base_url} is unavailable: {exc}", file=sys.stderr)
         return 1
+    except SettingsError as exc:  # one that needs more than the environment to see (say, an events address)
+        print(f"aqua-pipeline: {exc}", file=sys.stderr)
+        return 2
     except (PipelineError, UsageError, ValueError, OSError) as exc:
         print(f"aqua-pipeline: {exc}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, ClientError) as exc:  # an AWS call outside the pipeline's own error mapping
+        print(f"aqua-pipeline: AWS at {settings.aws.endpoint_url or 'the default endpoints'}: {exc}", file=sys.stderr)
         return 1

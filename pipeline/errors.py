@@ -110,6 +110,10 @@ class IntegrityError(TransferFailed):
     """The bytes did not match what AQuA declared (length, record count, CSV shape)."""
 
 
+class KeyCollision(TransferFailed):
+    """Two of a job's files would be stored under one object key."""
+
+
 class StorageError(TransferFailed):
     """S3 refused or failed an operation."""
 

@@ -29,6 +29,7 @@ __all__ = [
     "SnsPublisher",
     "SqsPublisher",
     "build_publisher",
+    "check_event_target",
     "completed_event",
     "event_id",
     "failed_event",
@@ -226,15 +227,20 @@ class NullPublisher:
         return event.id
 
 
+def check_event_target(settings: EventsSettings) -> None:
+    """Raise ``SettingsError`` if the address ``settings.target`` needs is not configured."""
+    if settings.target == "sns" and not settings.topic_arn:
+        raise SettingsError("AQUA_PIPELINE_EVENTS__TOPIC_ARN is required when the events target is sns")
+    if settings.target == "sqs" and not settings.queue_url:
+        raise SettingsError("AQUA_PIPELINE_EVENTS__QUEUE_URL is required when the events target is sqs")
+
+
 def build_publisher(clients: AwsClients, settings: EventsSettings) -> EventPublisher:
     """The publisher for ``settings.target``; raises ``SettingsError`` if its address is not configured."""
-    if settings.target == "sns":
-        if not settings.topic_arn:
-            raise SettingsError("AQUA_PIPELINE_EVENTS__TOPIC_ARN is required when the events target is sns")
+    check_event_target(settings)
+    if settings.target == "sns" and settings.topic_arn:
         return SnsPublisher(clients.sns, settings.topic_arn)
-    if settings.target == "sqs":
-        if not settings.queue_url:
-            raise SettingsError("AQUA_PIPELINE_EVENTS__QUEUE_URL is required when the events target is sqs")
+    if settings.target == "sqs" and settings.queue_url:
         return SqsPublisher(clients.sqs, settings.queue_url)
     if settings.target == "eventbridge":
         return EventBridgePublisher(clients.events, settings.bus_name, settings.source)

@@ -44,6 +44,9 @@ class Metrics:
         self.reconciled = Counter(
             "aqua_reconciled_jobs_total", "Jobs fed to the worker by the reconciler", ["why"], registry=r
         )
+        self.reconcile_errors = Counter(
+            "aqua_reconcile_errors_total", "Jobs the reconciler could not look at in a round", registry=r
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

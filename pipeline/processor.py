@@ -4,18 +4,21 @@ ledger's conditional transitions make sure only one replica works on a job at a 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Batch, BatchStatus, Job, JobStatus
-from pipeline.errors import AquaNotFound, IntegrityError, PipelineError
+from pipeline.errors import AquaNotFound, IntegrityError, KeyCollision, PipelineError
 from pipeline.events import EventPublisher, completed_event, failed_event
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
 from pipeline.logs import bound, track_id_var
-from pipeline.manifest import ManifestStore, object_key
+from pipeline.manifest import ManifestStore, object_key, sanitize
 from pipeline.metrics import Metrics
 from pipeline.models import CloudEvent, Manifest, ManifestObject
 from pipeline.settings import EventsSettings, S3Settings
@@ -63,6 +66,14 @@ def file_extension(kind: str, store_gzip: bool) -> str:
 def is_stateful(job: Job) -> bool:
     """Stateful mode: version 1.1/1.2 with both partner and project (REFERENCE.md §3.4)."""
     return bool(job.partner and job.project and job.version in ("1.1", "1.2"))
+
+
+def key_names(batches: Sequence[Batch]) -> list[str]:
+    """The name each batch's objects are keyed by: its own, unless two names sanitise to one path segment
+    ("Account Export" and "Account/Export" both become ``Account_Export``); those get a hash of the name too."""
+    names = [b.name or b.batch_id or "batch" for b in batches]
+    segments = Counter(sanitize(n) for n in set(names))
+    return [f"{n}_{hashlib.sha256(n.encode()).hexdigest()[:8]}" if segments[sanitize(n)] > 1 else n for n in names]
 
 
 def job_date(job: Job) -> str:
@@ -175,8 +186,9 @@ class JobProcessor:
         await self.ledger.mark_transferring(job_id, owner)
         objects: list[ManifestObject] = []
         records = 0
-        for batch in job.batches:
-            stored = await self._store_batch(job, batch, owner)
+        keys: set[str] = set()
+        for batch, name in zip(job.batches, key_names(job.batches), strict=True):
+            stored = await self._store_batch(job, batch, name, keys)
             objects.extend(stored)
             records += batch_records(batch, stored)
         manifest = Manifest(
@@ -201,7 +213,8 @@ class JobProcessor:
         )
         return await self._publish(manifest, key, owner, lease_s)
 
-    async def _store_batch(self, job: Job, batch: Batch, owner: str) -> list[ManifestObject]:
+    async def _store_batch(self, job: Job, batch: Batch, key_name: str, keys: set[str]) -> list[ManifestObject]:
+        """Stream each of ``batch``'s files into S3; ``keys`` holds the job's keys so far (none is used twice)."""
         kind = _KINDS.get((job.format or "CSV").upper(), "csv")
         file_ids = batch.file_ids
         if not file_ids:
@@ -224,10 +237,14 @@ class JobProcessor:
                     job_name=job.name or "job",
                     date=job_date(job),
                     job_id=job.id or "",
-                    batch_name=batch.name or batch.batch_id or "batch",
+                    batch_name=key_name,
                     segment=f"-{index:05d}" if segmented else "",
                     ext=file_extension(kind, store_gzip),
                 )
+                if key in keys:
+                    # e.g. two batches with one name: the second would overwrite the first's object unseen
+                    raise KeyCollision(f"batch {batch.name}: object key {key} is already used by this job")
+                keys.add(key)
                 expected = None if segmented else batch.record_count
                 spec = TransferSpec(
                     bucket=self.s3.bucket,

@@ -45,12 +45,18 @@ class Reconciler:
         self.owner = f"reconciler-{uuid.uuid4().hex[:10]}"
 
     async def run_forever(self) -> None:
-        """Run a round every ``interval_s`` until cancelled; a failed round is logged and retried."""
+        """Run a round every ``interval_s`` until cancelled; a failed round is logged and retried.
+
+        Nothing but cancellation ends the loop: the reconciler is the safety net for lost callbacks, and a task
+        that died of one unexpected answer would leave every later lost callback lost for good.
+        """
         while True:
             try:
                 await self.run_once()
             except PipelineError as exc:
                 log.warning("reconcile round failed: %s", exc)
+            except Exception:
+                log.exception("reconcile round failed unexpectedly; trying again next round")
             await asyncio.sleep(self.settings.interval_s)
 
     async def run_once(self) -> int:
@@ -60,16 +66,30 @@ class Reconciler:
         enqueued = 0
         now = time.time()
         for item in candidates:
-            age = now - (item.updated_at or now)
-            if item.state in _WAITING and age >= self.settings.callback_grace_s:
-                enqueued += await self._lost_callback(item)
-            elif item.state is JobState.notified and age >= self.settings.callback_grace_s and not item.lease_live(now):
-                # The callback was recorded but its work message may never have been sent (SQS was down and we
-                # answered 503; AQuA does not retry): as good as a lost callback.
-                enqueued += await self._lost_callback(item, why="unqueued_callback")
-            elif item.state in _STUCK and age >= self.settings.stuck_after_s:
-                enqueued += await self._stuck(item)
+            try:
+                enqueued += await self._reconcile(item, now)
+            except Exception as exc:
+                # One job's trouble (AQuA answering 5xx or something no model expects for it) is that job's: the
+                # rest of the round still runs, and the job is looked at again next round.
+                with bound(job_id=item.job_id):
+                    if isinstance(exc, PipelineError):
+                        log.warning("could not reconcile job: %s", exc)
+                    else:
+                        log.exception("could not reconcile job")
+                self.metrics.reconcile_errors.inc()
         return enqueued
+
+    async def _reconcile(self, item: LedgerItem, now: float) -> int:
+        age = now - (item.updated_at or now)
+        if item.state in _WAITING and age >= self.settings.callback_grace_s:
+            return await self._lost_callback(item)
+        if item.state is JobState.notified and age >= self.settings.callback_grace_s and not item.lease_live(now):
+            # The callback was recorded but its work message may never have been sent (SQS was down and we
+            # answered 503; AQuA does not retry): as good as a lost callback.
+            return await self._lost_callback(item, why="unqueued_callback")
+        if item.state in _STUCK and age >= self.settings.stuck_after_s:
+            return await self._stuck(item)
+        return 0
 
     async def _elect(self, item: LedgerItem) -> bool:
         return await self.ledger.try_reconcile(item.job_id, self.owner, hold_s=self.settings.interval_s * 2)

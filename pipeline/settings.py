@@ -7,12 +7,18 @@ Every variable starts with ``AQUA_PIPELINE_``; nested groups use ``__``, e.g.
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal, Self
+import json
+import os
+import string
+from typing import Literal, Self, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "AQUA_PIPELINE_"
+KEY_FIELDS = frozenset({"prefix", "partner", "project", "job_name", "date", "job_id", "batch_name", "segment", "ext"})
+"""The fields an object key template may use."""
 MIB = 1024 * 1024
 
 
@@ -77,6 +83,20 @@ class S3Settings(_Group):
     verify_csv_shape: bool = True
     sse: Literal["none", "AES256", "aws:kms"] = "none"
     kms_key_id: str | None = None
+
+    @field_validator("key_template")
+    @classmethod
+    def _key_fields(cls, value: str) -> str:
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a key template: {exc}") from None
+        unknown = used - KEY_FIELDS
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}; the fields are {' '.join(sorted(KEY_FIELDS))}")
+        if not {"batch_name", "segment"} <= used:  # else a job's files would overwrite each other
+            raise ValueError("must contain {batch_name} and {segment}, which tell a job's files apart")
+        return value
 
 
 class QueueSettings(_Group):
@@ -195,3 +215,31 @@ def load_settings(**overrides: object) -> Settings:
             var = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{var}: {err['msg']}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+    except SourceError as exc:
+        # pydantic-settings could not decode a list variable (it takes JSON) and names only the group
+        bad = _non_json_list_variables()
+        if not bad:
+            raise SettingsError(f"invalid configuration: {exc}") from None
+        raise SettingsError(
+            "invalid configuration: "
+            + "; ".join(f'{var}: a list takes JSON, e.g. {var}=\'["first", "second"]\'' for var in bad)
+        ) from None
+
+
+def _non_json_list_variables() -> list[str]:
+    """The ``AQUA_PIPELINE_*`` variables of list-typed settings whose value is not JSON."""
+    env = {k.upper(): v for k, v in os.environ.items()}
+    bad = []
+    for group, gfield in Settings.model_fields.items():
+        model = gfield.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for name, field in model.model_fields.items():
+            var = f"{ENV_PREFIX}{group}__{name}".upper()
+            if get_origin(field.annotation) is not list or var not in env:
+                continue
+            try:
+                json.loads(env[var])
+            except ValueError:
+                bad.append(var)
+    return bad

@@ -179,8 +179,11 @@ def build_notify_url(public_base_url: str, callback_path: str, token: str) -> st
     """
     base = public_base_url.rstrip("/")
     parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+    # "?" and "#" by character: urlsplit gives an empty query for "https://h/?", which would still end the path
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c in base for c in "?#"):
         raise ValueError("public_base_url must be an http(s) URL without query or fragment")
+    if any(c.isspace() for c in base):
+        raise ValueError("public_base_url must not contain whitespace")
     path = "/" + callback_path.lstrip("/")
     if any(c in path for c in "?#") or any(c.isspace() for c in path):
         raise ValueError("callback_path must be a plain path")

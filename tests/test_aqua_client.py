@@ -220,6 +220,39 @@ async def test_401_after_refresh_is_auth_error(
     assert client.auth.fetches == 2  # refreshed exactly once
 
 
+async def test_a_failed_token_fetch_is_shared_not_repeated_by_every_waiter(
+    client: AquaClient, sim: Simulator, recorder: Recorder, fake_time: FakeTime
+) -> None:
+    """Ten callers need a token and the endpoint answers 429: one POST, ten errors; then none until Retry-After."""
+    sim.faults.rate_limit_scope = "token"
+    sim.faults.rate_limit_next = 5
+    sim.faults.retry_after_s = 30
+    got = await asyncio.gather(*(client.auth.get() for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(e, AquaRateLimited) for e in got), got
+    assert recorder.count("POST", "/oauth/token") == 1
+    fake_time.now += 10
+    with pytest.raises(AquaRateLimited) as info:
+        await client.auth.get()
+    assert info.value.retry_after == pytest.approx(20)
+    assert recorder.count("POST", "/oauth/token") == 1  # still waiting out the Retry-After: not asked
+    fake_time.now += 20
+    sim.faults.rate_limit_next = 0
+    tokens = await asyncio.gather(*(client.auth.get() for _ in range(10)))
+    assert len(set(tokens)) == 1 and recorder.count("POST", "/oauth/token") == 2
+
+
+async def test_a_5xx_token_fetch_is_shared_and_the_client_retries_it(
+    client: AquaClient, sim: Simulator, recorder: Recorder
+) -> None:
+    sim.faults.server_error_scope = "token"
+    sim.faults.server_error_next = 1
+    got = await asyncio.gather(*(client.auth.get() for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(e, AquaUnavailable) for e in got), got
+    assert recorder.count("POST", "/oauth/token") == 1
+    job = await client.submit(request("Account"))  # the retry loop fetches a token again
+    assert job.id and client.auth.fetches == 1
+
+
 async def test_token_endpoint_refusal_is_auth_error(
     make_client: MakeClient, recorder: Recorder, fake_time: FakeTime
 ) -> None:

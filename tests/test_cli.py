@@ -171,3 +171,40 @@ async def test_submit_rejects_a_bad_definition_file(
         first, *problems = errors(err)  # a headline, then one line per problem
         assert first == f"aqua-pipeline: invalid job definitions in {bad}:"
         assert len(problems) == 1 and "notifyUrl is not allowed" in problems[0]
+
+
+async def test_start_up_problems_are_one_clear_line(
+    moto_server: MotoServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `serve` cannot start with, it says in one line and a non-zero exit, not a traceback."""
+    import socket
+
+    async with running_stack(moto_server.url, start_service=False) as stack:
+        use(stack.settings)
+        del os.environ["AQUA_PIPELINE_EVENTS__TOPIC_ARN"]  # the default target, sns, needs it
+        for argv in (["check-config"], ["serve"]):
+            assert await cli(*argv) == 2
+            _, err = capsys.readouterr()
+            assert errors(err) == [
+                "aqua-pipeline: AQUA_PIPELINE_EVENTS__TOPIC_ARN is required when the events target is sns"
+            ]
+        use(stack.settings)
+
+        with socket.socket() as taken:  # the port is already in use
+            taken.bind((stack.settings.http.host, 0))
+            taken.listen()
+            os.environ["AQUA_PIPELINE_HTTP__PORT"] = str(taken.getsockname()[1])
+            assert await cli("serve") == 1
+            _, err = capsys.readouterr()
+            (line,) = errors(err)
+            assert line.startswith("aqua-pipeline: ") and "address already in use" in line, line
+        use(stack.settings)
+
+        dead = f"http://127.0.0.1:{free_port()}"  # AWS unreachable: the work queue's address cannot be looked up
+        os.environ.pop("AQUA_PIPELINE_QUEUE__WORK_QUEUE_URL", None)
+        os.environ["AQUA_PIPELINE_AWS__ENDPOINT_URL"] = dead
+        os.environ["AQUA_PIPELINE_AWS__MAX_ATTEMPTS"] = "1"
+        assert await cli("serve") == 1
+        _, err = capsys.readouterr()
+        (line,) = errors(err)
+        assert line.startswith(f"aqua-pipeline: AWS at {dead}: "), line

@@ -84,7 +84,12 @@ def test_install_script_installs_the_package_not_the_checkout(venv: Path, tmp_pa
 
 
 def test_entry_point_reads_configuration_from_the_environment(venv: Path, tmp_path: Path) -> None:
-    env = {**_base_env(tmp_path), "AQUA_PIPELINE_HTTP__PORT": "9123", "AQUA_PIPELINE_S3__BUCKET": "from-env"}
+    env = {
+        **_base_env(tmp_path),
+        "AQUA_PIPELINE_HTTP__PORT": "9123",
+        "AQUA_PIPELINE_S3__BUCKET": "from-env",
+        "AQUA_PIPELINE_EVENTS__TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:aqua-done",
+    }
     proc = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pipeline", "check-config"],
         cwd=tmp_path,
@@ -108,6 +113,18 @@ def test_entry_point_reads_configuration_from_the_environment(venv: Path, tmp_pa
     )
     assert bad.returncode == 2
     assert "AQUA_PIPELINE_HTTP__PORT" in bad.stderr
+
+    no_topic = {k: v for k, v in env.items() if k != "AQUA_PIPELINE_EVENTS__TOPIC_ARN"}
+    missing = subprocess.run(
+        [str(venv / "bin" / "aqua-pipeline"), "check-config"],
+        cwd=tmp_path,
+        env=no_topic,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2
+    assert "AQUA_PIPELINE_EVENTS__TOPIC_ARN" in missing.stderr
 
 
 def _get(url: str) -> tuple[int, bytes]:

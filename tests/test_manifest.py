@@ -150,3 +150,14 @@ async def test_commit_to_missing_bucket_is_storage_error(aws: AwsClients, unique
     with pytest.raises(StorageError) as info:
         await store.commit(make_manifest())
     assert info.value.retryable is True
+
+
+def test_key_names_keep_plain_names_and_split_the_ones_that_sanitise_alike() -> None:
+    from pipeline.aqua.models import Batch
+    from pipeline.processor import key_names
+
+    batches = [Batch.model_validate({"name": n}) for n in ("A B", "A/B", "Invoice", "A.B")]
+    names = key_names(batches)
+    assert names[2:] == ["Invoice", "A.B"]
+    assert names[0].startswith("A B_") and names[1].startswith("A/B_") and names[0] != names[1]
+    assert len({sanitize(n) for n in names}) == 4

@@ -210,6 +210,23 @@ async def test_a_completed_job_with_a_batch_that_did_not_complete_fails_and_land
         assert listed.get("KeyCount", 0) == 0
 
 
+async def test_batch_names_that_sanitise_alike_land_as_distinct_objects(moto_server: MotoServer) -> None:
+    """ "Account Export", "Account/Export" and "Account_Export" make one key segment: each file keeps its own object
+    (the colliding names get a hash of the real name), none overwrites another."""
+    names = ["Account Export", "Account/Export", "Account_Export", "Invoice"]
+    queries = [{"name": n, "type": "zoqlexport", "query": "select Id, Name from Account"} for n in names]
+    async with running_stack(moto_server.url) as stack:
+        _, item = await land(stack, request(queries=queries))
+        assert item.state == JobState.published, item
+        manifest = await stack.components.manifests.load(item.manifest_key)
+        keys = {o.batch_name: o.key for o in manifest.objects}
+        assert sorted(keys) == sorted(names) and len(set(keys.values())) == 4
+        assert keys["Invoice"].endswith("/Invoice.csv")  # a name that collides with nothing keeps its plain key
+        await assert_objects_match_simulator(stack, manifest)
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed["KeyCount"] == 5  # four objects and the manifest
+
+
 async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url) as stack:
         stack.sim.faults.abort_batches = True

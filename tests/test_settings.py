@@ -57,3 +57,38 @@ def test_bad_callback_security_stops_start_up(variable: str, value: str, said: s
     assert said in str(err.value)
     if "BASIC" not in variable:
         assert variable in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AQUA_PIPELINE_SECURITY__ALLOW_CIDRS", "10.0.0.0/8"),
+        ("AQUA_PIPELINE_SECURITY__SIGNING_KEYS", "a-plain-key"),
+        ("AQUA_PIPELINE_security__trusted_proxies", "10.0.0.1/32,10.0.0.2/32"),
+    ],
+)
+def test_a_list_variable_that_is_not_json_is_named(variable: str, value: str) -> None:
+    """pydantic-settings names only the group ("security"); the operator needs the variable and the fix."""
+    os.environ[variable] = value
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert variable.upper() in str(err.value)
+    assert "takes JSON" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "said"),
+    [
+        ("{prefix}/{job_id}/{batch_name}.{ext}", "must contain {batch_name} and {segment}"),
+        ("{prefix}/{job_id}/{segment}.{ext}", "must contain {batch_name} and {segment}"),
+        ("{prefix}/{jobid}/{batch_name}{segment}.{ext}", "unknown fields ['jobid']"),
+        ("{prefix}/{job_id/{batch_name}{segment}", "not a key template"),
+    ],
+)
+def test_a_key_template_that_would_overwrite_or_not_render_stops_start_up(template: str, said: str) -> None:
+    """Caught at start-up, not at the first job: a key that leaves out what tells a job's files apart lets one
+    file overwrite another unseen."""
+    os.environ["AQUA_PIPELINE_S3__KEY_TEMPLATE"] = template
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "AQUA_PIPELINE_S3__KEY_TEMPLATE" in str(err.value) and said in str(err.value)

@@ -222,6 +222,10 @@ def test_build_notify_url_round_trips_a_real_token(signer: TokenSigner) -> None:
         ("ftp://h.example.com", "/cb"),
         ("https://", "/cb"),
         ("https://h.example.com?x=1", "/cb"),
+        ("https://h.example.com/?", "/cb"),  # an empty query or fragment still ends the path
+        ("https://h.example.com/#", "/cb"),
+        ("https://h.example.com/a#b", "/cb"),
+        ("https://h.example.com/a b", "/cb"),
         ("https://h.example.com", "/cb?x=1"),
         ("https://h.example.com", "/cb#frag"),
         ("https://h.example.com", "/c b"),

@@ -39,7 +39,10 @@ def parse_retry_after(value: str | None) -> float | None:
 class TokenCache:
     """One bearer token shared by all requests of an :class:`~pipeline.aqua.client.AquaClient`.
 
-    Concurrent callers that find the token missing or stale wait on one lock, so only one of them fetches.
+    Concurrent callers that find the token missing or stale share one fetch, and its outcome: when it fails,
+    every caller waiting on it gets the same error (each goes back to its own retry loop and backoff) rather
+    than posting again to an endpoint that has just refused. After a 429 with ``Retry-After``, callers get
+    :class:`AquaRateLimited` at once, with the time left, until that time has passed.
     Errors from the token endpoint are our own types: 429 -> :class:`AquaRateLimited`, 5xx and connection
     errors -> :class:`AquaUnavailable` (both retryable, the client's retry loop handles them), anything else
     -> :class:`AquaAuthError`.
@@ -63,7 +66,8 @@ class TokenCache:
         self._margin = refresh_margin_s
         self._timeout = timeout
         self._clock = clock
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Future[str] | None = None
+        self._rate_limited_until = 0.0
         self._token: _Token | None = None
         self.fetches = 0
         """How many times a token was fetched (for metrics and tests)."""
@@ -79,11 +83,19 @@ class TokenCache:
         value = self._current()
         if value is not None:
             return value
-        async with self._lock:
-            value = self._current()
-            if value is not None:
-                return value
-            return await self._fetch(track_id)
+        if self._fetching is None:
+            wait = self._rate_limited_until - self._clock()
+            if wait > 0:
+                raise AquaRateLimited("token endpoint rate limited (waiting out its Retry-After)", retry_after=wait)
+            self._fetching = asyncio.ensure_future(self._fetch(track_id))
+            self._fetching.add_done_callback(self._fetched)
+        # shielded: a caller that gives up (cancelled) does not cancel the fetch the others wait on
+        return await asyncio.shield(self._fetching)
+
+    def _fetched(self, fut: asyncio.Future[str]) -> None:
+        self._fetching = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved here too, so a failure nobody waited for is not reported as lost
 
     def invalidate(self, stale: str) -> None:
         """Forget ``stale`` after AQuA refused it with 401; the next :meth:`get` fetches a new one.
@@ -111,6 +123,8 @@ class TokenCache:
             raise AquaUnavailable(f"token request failed: {exc!r}") from exc
 
         if status == 429:
+            if retry_after:
+                self._rate_limited_until = self._clock() + retry_after
             raise AquaRateLimited(
                 "token endpoint rate limited", retry_after=retry_after, status=status, request_id=request_id
             )

@@ -17,7 +17,8 @@ DEFAULT_ROWS: dict[str, int] = {
     "Subscription": 1500,
 }
 
-FaultScope = Literal["all", "api", "files"]
+FaultScope = Literal["all", "api", "files", "token"]
+"""Which requests a fault hits: ``all`` (API and files), ``api``, ``files``, or only ``token`` (the OAuth endpoint)."""
 
 
 class UiCalloutConfig(BaseModel):
