@@ -32,6 +32,7 @@ from pipeline.metrics import Metrics
 from pipeline.processor import JobProcessor
 from pipeline.reconciler import Reconciler
 from pipeline.settings import Settings
+from pipeline.submission import Submitter
 from pipeline.tokens import TokenSigner
 from pipeline.transfer import S3Transfer
 from pipeline.worker import Worker
@@ -149,7 +150,12 @@ def create_app(
     async def reconciler_ctx(app: web.Application) -> AsyncIterator[None]:
         c = app[COMPONENTS_KEY]
         reconciler = Reconciler(
-            ledger=c.ledger, aqua=c.aqua, queue=c.queue, settings=settings.reconciler, metrics=metrics
+            ledger=c.ledger,
+            aqua=c.aqua,
+            queue=c.queue,
+            settings=settings.reconciler,
+            metrics=metrics,
+            submitter=Submitter(aqua=c.aqua, ledger=c.ledger, signer=c.signer, http=settings.http),
         )
         task = asyncio.create_task(reconciler.run_forever(), name="reconciler")
         yield

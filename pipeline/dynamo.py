@@ -112,6 +112,17 @@ class DynamoTable:
         except BotoCoreError as exc:
             raise self._failed(op, exc) from exc
 
+    async def _scan_items(self, filter_expr: str, e: Expr) -> list[dict[str, Any]]:
+        """Every item matching ``filter_expr`` (a full, paginated Scan), as DynamoDB returned them."""
+        items: list[dict[str, Any]] = []
+        kw: dict[str, Any] = {"FilterExpression": filter_expr, **e.kwargs()}
+        while True:
+            resp = await self._call("scan", **kw)
+            items.extend(resp.get("Items", []))
+            if not resp.get("LastEvaluatedKey"):
+                return items
+            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
     def _failed(self, op: str, exc: Exception) -> LedgerError:
         return LedgerError(f"dynamodb {op} on {self._table} failed: {exc}")
 

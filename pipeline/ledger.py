@@ -10,7 +10,8 @@ caller still owning the lease (``lease_owner`` matches — an expired lease that
 counts) and on the transition being legal, and raises :class:`LeaseLost` otherwise. ``published`` is
 final; ``failed`` is final once its failure event id is recorded. Items expire (DynamoDB TTL on
 ``expires_at``) ``retention_days`` after their last write. Session items (``session#{partner}#{project}``)
-serialise stateful AQuA sessions in the same table.
+serialise stateful AQuA sessions in the same table; submission items (``sub#{submission_id}``) bind a
+notifyUrl token to its job and hold a submit in flight (:mod:`pipeline.ledger_submissions`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.dynamo import ConditionFailed, Expr
 from pipeline.errors import LedgerError
-from pipeline.ledger_callbacks import CallbackLedger
 from pipeline.ledger_items import (
     KNOWN_FIELDS,
     RETRY,
@@ -36,6 +36,7 @@ from pipeline.ledger_items import (
     Retry,
     TokenCallback,
 )
+from pipeline.ledger_submissions import PendingSubmission, SubmissionLedger
 from pipeline.sessions import SessionRecord
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,14 @@ __all__ = [
     "JobState",
     "LeaseLost",
     "LedgerItem",
+    "PendingSubmission",
     "Retry",
     "SessionRecord",
     "TokenCallback",
 ]
 
 
-class JobLedger(CallbackLedger):
+class JobLedger(SubmissionLedger):
     """The job ledger over an injected aiobotocore DynamoDB client."""
 
     async def ensure_table(self) -> None:
@@ -237,22 +239,8 @@ class JobLedger(CallbackLedger):
 
     async def try_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> bool:
         """Elect one reconciler per job per round: True for the replica that may act on it now."""
-        now = self._clock()
         e = Expr()
-        cond = (
-            f"attribute_exists({e.n('state')}) AND "
-            f"(attribute_not_exists({e.n('reconcile_until')}) OR {e.n('reconcile_until')} < {e.v(now)})"
-        )
-        try:
-            await self._update(
-                {"job_id": {"S": job_id}},
-                e,
-                f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}",
-                condition=cond,
-            )
-        except ConditionFailed:
-            return False
-        return True
+        return await self._elect(job_id, owner, hold_s, e, f"attribute_exists({e.n('state')})")
 
     async def reset_for_replay(self, job_id: str) -> LedgerItem:
         """Make a finished job workable again (state ``notified``, outcome cleared); refused while leased."""
@@ -286,14 +274,7 @@ class JobLedger(CallbackLedger):
         return LedgerItem.from_item(item) if item and "state" in item else None
 
     async def _scan(self, filter_expr: str, e: Expr) -> list[LedgerItem]:
-        items: list[LedgerItem] = []
-        kw: dict[str, Any] = {"FilterExpression": filter_expr, **e.kwargs()}
-        while True:
-            resp = await self._call("scan", **kw)
-            items.extend(LedgerItem.from_item(i) for i in resp.get("Items", []))
-            if not resp.get("LastEvaluatedKey"):
-                return items
-            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return [LedgerItem.from_item(i) for i in await self._scan_items(filter_expr, e)]
 
     async def list_recent(self, limit: int = 50) -> list[LedgerItem]:
         """The ``limit`` most recently updated jobs (a full scan: fine for an operator view)."""

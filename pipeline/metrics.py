@@ -47,6 +47,12 @@ class Metrics:
         self.reconcile_errors = Counter(
             "aqua_reconcile_errors_total", "Jobs the reconciler could not look at in a round", registry=r
         )
+        self.resumed_submissions = Counter(
+            "aqua_resumed_submissions_total",
+            "Submits whose submitter died, finished by the reconciler, by outcome",
+            ["outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -1,7 +1,8 @@
 """Callbacks are lossy. The reconciler periodically finds jobs we submitted whose callback never came,
 re-reads them from AQuA, and feeds the finished ones into the same worker path; it also re-drives jobs
-stuck in an intermediate state past a deadline. Every replica may run one: a conditional write in the
-ledger elects one reconciler per job per round, and the worker's lease makes the work itself single."""
+stuck in an intermediate state past a deadline, and finishes the submits whose submitter died mid-submit.
+Every replica may run one: a conditional write in the ledger elects one reconciler per job (or submission)
+per round, and the worker's lease makes the work itself single."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.logs import bound
 from pipeline.metrics import Metrics
 from pipeline.models import WorkMessage
 from pipeline.settings import ReconcilerSettings
+from pipeline.submission import Resumed, Submitter
 from pipeline.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,10 @@ class Reconciler:
         queue: WorkQueue,
         settings: ReconcilerSettings,
         metrics: Metrics,
+        submitter: Submitter | None = None,
     ) -> None:
+        """``submitter`` finishes the submits whose submitter died; without one they are left alone."""
+        self.submitter = submitter
         self.ledger = ledger
         self.aqua = aqua
         self.queue = queue
@@ -61,6 +66,10 @@ class Reconciler:
 
     async def run_once(self) -> int:
         """One round; returns how many jobs were enqueued."""
+        try:
+            await self._resume_submissions()
+        except Exception as exc:  # the scan itself failed: the jobs below still get their round
+            self._failed("could not look for submissions in flight", exc)
         horizon = min(self.settings.callback_grace_s, self.settings.stuck_after_s)
         candidates = await self.ledger.find_unfinished(horizon)
         enqueued = 0
@@ -72,12 +81,37 @@ class Reconciler:
                 # One job's trouble (AQuA answering 5xx or something no model expects for it) is that job's: the
                 # rest of the round still runs, and the job is looked at again next round.
                 with bound(job_id=item.job_id):
-                    if isinstance(exc, PipelineError):
-                        log.warning("could not reconcile job: %s", exc)
-                    else:
-                        log.exception("could not reconcile job")
-                self.metrics.reconcile_errors.inc()
+                    self._failed("could not reconcile job", exc)
         return enqueued
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Log one item's failure (a traceback only for what is not one of ours) and count it."""
+        if isinstance(exc, PipelineError):
+            log.warning("%s: %s", what, exc)
+        else:
+            log.exception(what, exc_info=exc)
+        self.metrics.reconcile_errors.inc()
+
+    async def _resume_submissions(self) -> None:
+        """Finish the submits whose submitter died between starting them and recording the job. The job they
+        made is then ``submitted`` in the ledger, and the rest of this loop covers it like any other."""
+        if self.submitter is None:
+            return
+        now = time.time()
+        for pending in await self.ledger.find_pending_submissions(self.settings.submit_grace_s):
+            sid = pending.submission_id[:8]
+            try:
+                if not await self.ledger.try_resume_submission(
+                    pending.submission_id, self.owner, hold_s=self.settings.interval_s * 2
+                ):
+                    continue
+                outcome = await self.submitter.resume(pending, now)
+            except Exception as exc:
+                self._failed(f"could not finish submission {sid}, in flight when its submitter died", exc)
+                continue
+            log_at = logging.INFO if outcome is Resumed.recorded else logging.ERROR
+            log.log(log_at, "submission %s, in flight when its submitter died: %s", sid, outcome.value)
+            self.metrics.resumed_submissions.labels(outcome.value).inc()
 
     async def _reconcile(self, item: LedgerItem, now: float) -> int:
         age = now - (item.updated_at or now)

@@ -181,6 +181,8 @@ class ReconcilerSettings(_Group):
     interval_s: float = Field(default=60.0, gt=0)
     callback_grace_s: float = Field(default=900.0, ge=0)
     stuck_after_s: float = Field(default=3600.0, gt=0)
+    submit_grace_s: float = Field(default=300.0, gt=0)
+    """A submit not seen to end this long after it started is taken as its submitter's death, and finished."""
 
 
 class Settings(BaseSettings):

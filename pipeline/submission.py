@@ -1,16 +1,22 @@
 """Submitting jobs: the service builds each job's notifyUrl itself (public base URL + callback route +
 ``${JOBID}``/``${STATUS}`` placeholders + a per-submission token), submits with an Idempotency-Key so a
-retried submit does not start a second job, and records the submission in the ledger."""
+retried submit does not start a second job, and records the submission in the ledger: first as a submission in
+flight (so a submitter that dies mid-submit loses nothing: :meth:`Submitter.resume`), then as the job AQuA
+made."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
+
+from pydantic import ValidationError
 
 from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Job, SubmitRequest
-from pipeline.ledger import JobLedger
+from pipeline.errors import AquaValidationError, LedgerError
+from pipeline.ledger import JobLedger, PendingSubmission
 from pipeline.settings import HttpSettings
 from pipeline.tokens import TokenSigner, build_notify_url
 
@@ -55,21 +61,86 @@ class Submitter:
             submission_id = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
         else:
             submission_id = None
+        request = request.model_copy(update={"notify_url": None})
         issued = self.signer.issue(submission_id)
+        key = idempotency_key or default_idempotency_key(request, issued.submission_id)
+        pending = PendingSubmission(
+            submission_id=issued.submission_id, idempotency_key=key, request=request.to_body(), entity_ids=entity_ids
+        )
+        # Written down first: if this process dies once AQuA has the job, the reconciler finishes the submit.
+        await self.ledger.record_pending_submission(pending)
+        try:
+            job, notify_url = await self._send(pending, request)
+        except Exception as exc:
+            # AQuA refused, or its answer never came: the caller is told and owns the retry, so the reconciler
+            # must not send it again behind the caller's back. (A job AQuA did make still lands by its callback.)
+            await self._abandon(issued.submission_id, f"submit raised {type(exc).__name__}")
+            raise
+        await self._record(pending, request, job)
+        log.info("submitted job %s (%s)", job.id, request.name)
+        return Submitted(job=job, submission_id=issued.submission_id, notify_url=notify_url)
+
+    async def resume(self, pending: PendingSubmission, now: float) -> Resumed:
+        """Finish a submit whose submitter died: send it again under its own Idempotency-Key, so AQuA answers with
+        the job it already made (or makes it, if the first request never reached it), and record that job.
+
+        A refusal (AQuA will not make this job) takes it off the list. Raises the client's retryable errors, and a
+        409 (a request with the same key still in progress), for the next round to try again.
+        """
+        if now - pending.pending_since > IDEMPOTENCY_WINDOW_S:
+            # Sending it now could start a second job: AQuA may have forgotten the key.
+            await self.ledger.abandon_submission(pending.submission_id, "idempotency window passed")
+            return Resumed.expired
+        try:
+            request = SubmitRequest.model_validate(pending.request)
+            job, _ = await self._send(pending, request)
+        except (AquaValidationError, ValidationError) as exc:
+            if isinstance(exc, AquaValidationError) and (exc.retryable or exc.status == 409):
+                raise  # e.g. the job limit (90028), or the first request still in progress
+            await self.ledger.abandon_submission(pending.submission_id, f"refused: {exc}"[:500])
+            return Resumed.refused
+        await self._record(pending, request, job)
+        return Resumed.recorded
+
+    async def _send(self, pending: PendingSubmission, request: SubmitRequest) -> tuple[Job, str]:
+        """POST the submission with a notifyUrl signed for it now (the token is never stored)."""
+        issued = self.signer.issue(pending.submission_id)
         notify_url = build_notify_url(self.http.public_base_url, self.http.callback_path, issued.token)
         body = request.model_copy(update={"notify_url": notify_url})
-        key = idempotency_key or default_idempotency_key(request, issued.submission_id)
-        job = await self.aqua.submit(body, idempotency_key=key, entity_ids=entity_ids)
+        job = await self.aqua.submit(body, idempotency_key=pending.idempotency_key, entity_ids=pending.entity_ids)
         if not job.id:
             raise ValueError("AQuA accepted the job but returned no id")
-        await self.ledger.bind_submission(issued.submission_id, job.id)
+        return job, notify_url
+
+    async def _record(self, pending: PendingSubmission, request: SubmitRequest, job: Job) -> None:
+        """Bind the submission's token to the job AQuA made and record the job (state ``submitted``)."""
+        assert job.id
+        if not await self.ledger.bind_submission(pending.submission_id, job.id):
+            raise LedgerError(f"submission {pending.submission_id[:8]} is bound to a job other than {job.id}")
         await self.ledger.record_submission(
             job.id,
-            submission_id=issued.submission_id,
+            submission_id=pending.submission_id,
             job_name=request.name,
             partner=request.partner,
             project=request.project,
-            request=request.to_body(),
+            request=pending.request,
         )
-        log.info("submitted job %s (%s)", job.id, request.name)
-        return Submitted(job=job, submission_id=issued.submission_id, notify_url=notify_url)
+
+    async def _abandon(self, submission_id: str, reason: str) -> None:
+        try:
+            await self.ledger.abandon_submission(submission_id, reason)
+        except LedgerError as exc:
+            log.warning("submission %s: could not mark it ended (%s); it may be sent again", submission_id[:8], exc)
+
+
+IDEMPOTENCY_WINDOW_S = 23 * 3600.0
+"""How long after a submit it may be sent again under the same Idempotency-Key: AQuA keeps a key 24 hours
+(REFERENCE.md §2.2); an hour is left for clocks and the reconciler's interval."""
+
+
+class Resumed(StrEnum):
+    """What :meth:`Submitter.resume` did with a pending submission."""
+
+    recorded = "recorded"
+    refused = "refused"
+    expired = "expired"

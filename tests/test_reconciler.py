@@ -1,21 +1,26 @@
 """The reconciler against a real ledger and work queue (moto): one job's trouble never costs the others their
-round, and nothing but cancellation ends its loop (it is the safety net for lost callbacks)."""
+round, nothing but cancellation ends its loop (it is the safety net for lost callbacks), and a submission whose
+submitter died is sent again only under its own Idempotency-Key, and only while AQuA still knows that key."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from pydantic import SecretStr
 
 from pipeline.aqua.models import Job
 from pipeline.aws import AwsClients
-from pipeline.errors import AquaUnavailable
-from pipeline.ledger import JobLedger
+from pipeline.errors import AquaUnavailable, AquaValidationError
+from pipeline.ledger import JobLedger, JobState, PendingSubmission
 from pipeline.metrics import Metrics
 from pipeline.reconciler import Reconciler
-from pipeline.settings import LedgerSettings, ReconcilerSettings
+from pipeline.settings import HttpSettings, LedgerSettings, ReconcilerSettings
+from pipeline.submission import Resumed, Submitter
+from pipeline.tokens import TokenSigner
 from pipeline.workqueue import WorkQueue
 
 BROKEN, DOWN, DONE = ("a" * 32, "b" * 32, "c" * 32)
@@ -84,6 +89,9 @@ class FailingLedger:
     def __init__(self) -> None:
         self.scans = 0
 
+    async def find_pending_submissions(self, older_than_s: float) -> list[Any]:
+        raise ValueError("unexpected item shape")
+
     async def find_unfinished(self, older_than_s: float) -> list[Any]:
         self.scans += 1
         raise ValueError("unexpected item shape")
@@ -102,3 +110,81 @@ async def test_an_unexpected_error_does_not_end_the_loop() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class Submits:
+    """AQuA's submit endpoint, answering every POST with ``answer`` (a job, or an error to raise)."""
+
+    def __init__(self, answer: Job | Exception) -> None:
+        self.answer = answer
+        self.keys: list[str | None] = []
+        self.notify_urls: list[str | None] = []
+
+    async def submit(self, request: Any, *, idempotency_key: str | None = None, entity_ids: str | None = None) -> Job:
+        self.keys.append(idempotency_key)
+        self.notify_urls.append(request.notify_url)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def pending(since: float) -> PendingSubmission:
+    body = {"format": "csv", "version": "1.1", "name": "n", "queries": [{"name": "A", "query": "select Id from A"}]}
+    return PendingSubmission(submission_id="s" * 32, idempotency_key="aqp-key", request=body, pending_since=since)
+
+
+@pytest.mark.parametrize(
+    ("age_s", "answer", "outcome", "still_pending"),
+    [
+        (60, Job.model_validate({"id": DONE, "status": "submitted"}), Resumed.recorded, False),
+        (
+            60,
+            AquaValidationError("AQuA error 90001: bad query", error_code="90001", status=200),
+            Resumed.refused,
+            False,
+        ),
+        (60, AquaValidationError("in progress", status=409), AquaValidationError, True),
+        (
+            60,
+            AquaValidationError("AQuA error 90028: too many jobs", status=200, retryable=True),
+            AquaValidationError,
+            True,
+        ),
+        (60, AquaUnavailable("AQuA answered 503 three times"), AquaUnavailable, True),
+        (24 * 3600, Job.model_validate({"id": DONE, "status": "submitted"}), Resumed.expired, False),
+    ],
+)
+async def test_resuming_a_submission_sends_it_again_only_under_its_own_key(
+    parts: Any, age_s: float, answer: Job | Exception, outcome: Any, still_pending: bool
+) -> None:
+    clock, ledger, _ = parts
+    now = time.time()
+    clock.now = now
+    p = pending(now - age_s)
+    assert await ledger.record_pending_submission(p)
+    aqua = Submits(answer)
+    signer = TokenSigner([SecretStr("k" * 32)], 3600)
+    submitter = Submitter(aqua=aqua, ledger=ledger, signer=signer, http=HttpSettings())  # type: ignore[arg-type]
+    if isinstance(outcome, Resumed):
+        assert await submitter.resume(p, now) is outcome
+    else:
+        with pytest.raises(outcome):
+            await submitter.resume(p, now)
+    assert aqua.keys == ([] if outcome is Resumed.expired else ["aqp-key"])  # past AQuA's 24 h: not sent at all
+    for url in aqua.notify_urls:  # a token signed afresh for this very submission (none is stored)
+        token = parse_qs(urlsplit(url or "").query)["token"][0]
+        assert signer.verify(token).submission_id == p.submission_id
+    assert bool(await ledger.find_pending_submissions(1)) is still_pending
+    recorded = await ledger.get(DONE)
+    assert (recorded is not None) is (outcome is Resumed.recorded)
+    if recorded is not None:
+        assert (recorded.state, recorded.submission_id, recorded.job_name) == (JobState.submitted, p.submission_id, "n")
+        assert not await ledger.record_pending_submission(p)  # bound now: a retried submit writes nothing
+
+
+async def test_two_reconcilers_do_not_both_send_a_pending_submission(parts: Any) -> None:
+    clock, ledger, _ = parts
+    p = pending(clock.now)
+    await ledger.record_pending_submission(p)
+    won = [await ledger.try_resume_submission(p.submission_id, owner, hold_s=60) for owner in ("r1", "r2")]
+    assert won == [True, False]

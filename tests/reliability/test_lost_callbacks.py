@@ -1,5 +1,6 @@
-"""Lost, late and duplicate callbacks, and jobs stuck mid-way, with the reconciler on: every job completes exactly
-once (one manifest, one completed event, the simulator's bytes), whatever the callbacks do.
+"""Lost, late and duplicate callbacks, jobs stuck mid-way, and a submitter that dies mid-submit, with the reconciler
+on: every job completes exactly once (one manifest, one completed event, the simulator's bytes), whatever the
+callbacks do.
 
 Checked on the data: S3 (objects and manifests), the subscriber queue, the ledger, the simulator's callback log.
 """
@@ -10,6 +11,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,8 +19,10 @@ import pytest
 from pipeline.app import METRICS_KEY
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig, file_digest
-from pipeline.ledger import JobState, LedgerItem
+from pipeline.errors import AquaValidationError
+from pipeline.ledger import JobLedger, JobState, LedgerItem
 from pipeline.settings import Settings
+from pipeline.submission import Submitter
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import Stack, running_stack
 
@@ -37,14 +41,19 @@ def job(name: str) -> SubmitRequest:
     )
 
 
-def reconciling(*, grace_s: float = 1.0, stuck_s: float = 3.0) -> Callable[[Settings], Settings]:
+def reconciling(*, grace_s: float = 1.0, stuck_s: float = 3.0, submit_s: float = 1.0) -> Callable[[Settings], Settings]:
     """A reconciler that runs every 0.5 s; a short work visibility so redelivered messages come back fast."""
 
     def tweak(s: Settings) -> Settings:
         return s.model_copy(
             update={
                 "reconciler": s.reconciler.model_copy(
-                    update={"interval_s": 0.5, "callback_grace_s": grace_s, "stuck_after_s": stuck_s}
+                    update={
+                        "interval_s": 0.5,
+                        "callback_grace_s": grace_s,
+                        "stuck_after_s": stuck_s,
+                        "submit_grace_s": submit_s,
+                    }
                 ),
                 "queue": s.queue.model_copy(update={"visibility_timeout_s": 5, "wait_time_s": 1}),
             }
@@ -57,11 +66,11 @@ def sim_config() -> SimulatorConfig:
     return SimulatorConfig(rows={"Account": 600, "Payment": 400}, step_delay_s=0.01)
 
 
-def reconciled(stack: Stack, why: str) -> float:
-    """``aqua_reconciled_jobs_total{why=...}`` from the service's metrics."""
+def reconciled(stack: Stack, why: str, *, metric: str = "aqua_reconciled_jobs_total", label: str = "why") -> float:
+    """``aqua_reconciled_jobs_total{why=...}`` (or another labelled counter) from the service's metrics."""
     assert stack.app is not None
     text = stack.app[METRICS_KEY].render().decode()
-    m = re.search(r'^aqua_reconciled_jobs_total\{why="' + why + r'"\} (\S+)$', text, re.MULTILINE)
+    m = re.search(rf'^{metric}\{{{label}="{why}"\}} (\S+)$', text, re.MULTILINE)
     return float(m[1]) if m else 0.0
 
 
@@ -192,3 +201,58 @@ async def test_many_jobs_with_lost_late_and_duplicate_callbacks(moto_server: Mot
         await asyncio.sleep(2)
         items = await asyncio.gather(*(stack.wait_final(s.job.id or "") for s in submitted))
         await assert_each_landed_once(stack, list(items))
+
+
+class SubmitterDied(BaseException):
+    """The submitting process dies (killed, out of memory): no ``except Exception`` of ours runs."""
+
+
+class DiesOnRecording:
+    """The service's ledger, except that the process dies when the submitter goes to record the job AQuA made."""
+
+    def __init__(self, ledger: JobLedger) -> None:
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    async def bind_submission(self, submission_id: str, job_id: str) -> bool:
+        raise SubmitterDied(job_id)
+
+
+async def test_a_submitter_that_dies_once_aqua_has_the_job_loses_nothing(moto_server: MotoServer) -> None:
+    """Its callback lost too: only the submission written down before the submit can land this job. The reconciler
+    sends it again with the same Idempotency-Key, AQuA answers with the job it made (no second job), and the job
+    lands once."""
+    async with running_stack(
+        moto_server.url, sim_config=sim_config(), tweak=reconciling(), run_reconciler=True
+    ) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        dying = Submitter(aqua=c.aqua, ledger=DiesOnRecording(c.ledger), signer=c.signer, http=stack.settings.http)  # type: ignore[arg-type]
+        with pytest.raises(SubmitterDied) as died:
+            await dying.submit(job("orphan"))
+        job_id = str(died.value)
+        assert job_id in stack.sim.jobs and await c.ledger.get(job_id) is None  # AQuA has it, the ledger does not
+        item = await stack.wait_final(job_id, timeout_s=25)
+        assert list(stack.sim.jobs) == [job_id]  # sent again under the same key: the same job, not a second one
+        assert item.job_name == "orphan" and item.callback_count == 0
+        await assert_each_landed_once(stack, [item])
+        assert reconciled(stack, "recorded", metric="aqua_resumed_submissions_total", label="outcome") == 1
+        assert reconciled(stack, "lost_callback") == 1
+        assert await c.ledger.find_pending_submissions(0.001) == []
+
+
+async def test_a_submit_the_caller_saw_fail_is_not_sent_again(moto_server: MotoServer) -> None:
+    """AQuA refused it (a query it cannot parse): the caller has the error and owns the retry; the reconciler
+    must not send it behind the caller's back."""
+    async with running_stack(
+        moto_server.url, sim_config=sim_config(), tweak=reconciling(submit_s=0.1), run_reconciler=True
+    ) as stack:
+        bad = job("refused").model_copy(update={"format": "xlsx"})
+        with pytest.raises(AquaValidationError):
+            await stack.submit(bad)
+        assert await stack.components.ledger.find_pending_submissions(0.001) == []
+        await asyncio.sleep(1.5)  # three reconciler rounds
+        assert stack.sim.jobs == {}
+        assert reconciled(stack, "refused", metric="aqua_resumed_submissions_total", label="outcome") == 0
