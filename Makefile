@@ -46,6 +46,7 @@ bench: install
 	$(PY) -m bench.transfer --sizes 64MiB --repeat 3
 	$(PY) -m bench.callbacks --rates 100,500 --duration 5
 	$(PY) -m bench.e2e --repeat 3 --burst 20 --wait-times 1
+	$(PY) -m bench.sdkcall --calls 500 --repeat 3
 	$(PY) -m bench.verifier --size 16MiB --repeat 3
 
 clean:

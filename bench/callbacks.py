@@ -225,7 +225,7 @@ async def _provision(moto_url: str, log_dir: Path) -> Any:
     return settings_with_resources(settings, resources)
 
 
-def _stub_settings(stub_url: str) -> Any:
+def stub_settings(stub_url: str) -> Any:
     """The receiver's settings against :mod:`bench.awsstub` (no resources to create: the stub takes any name)."""
     from pipeline.aqua.simulator import SimulatorConfig
     from pipeline.testing.stack import local_settings
@@ -417,6 +417,21 @@ OURS = ("ours", "ours_deferred", "ours_tree", "ours_deferred_tree")
 TARGETS = ("bare", *OURS)
 
 
+def _known_env(env: dict[str, str], cwd: Path | None) -> frozenset[str]:
+    """The settings variables the ``pipeline`` package found with this environment knows (another tree's may
+    predate some of ours: those are left out, so it runs on its own defaults)."""
+    code = (
+        "from pipeline.settings import ENV_PREFIX as P, Settings as S\n"
+        "for n, f in S.model_fields.items():\n"
+        "    subs = getattr(f.annotation, 'model_fields', None)\n"
+        "    print(*([f'{P}{n.upper()}__{s.upper()}' for s in subs] if subs else [f'{P}{n.upper()}']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, cwd=cwd, capture_output=True, text=True, check=True
+    )
+    return frozenset(out.stdout.split())
+
+
 def _pipeline_source(env: dict[str, str], cwd: Path | None, tree: Path | None) -> str:
     """Where ``python -m pipeline`` finds the package with this environment and working directory; with a
     ``tree``, refuse to go on unless it is that tree's (an editable install would otherwise win unnoticed)."""
@@ -430,14 +445,19 @@ def _pipeline_source(env: dict[str, str], cwd: Path | None, tree: Path | None) -
     return source
 
 
-def _aws_latency_ms(text: str) -> tuple[float, float]:
-    """``--aws-latency-ms``: ``"4,8"`` -> (DynamoDB, SQS) milliseconds; one number applies to both."""
+def _ms_pair(text: str, option: str, names: str) -> tuple[float, float]:
+    """``"4,8"`` -> (4.0, 8.0) milliseconds; one number applies to both."""
     parts = [float(x) for x in text.split(",")]
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) < 0:
-        raise ValueError(f"--aws-latency-ms takes DYNAMODB,SQS milliseconds, got {text!r}")
+        raise ValueError(f"{option} takes {names} milliseconds, got {text!r}")
     return parts[0], parts[1]
+
+
+def _aws_latency_ms(text: str) -> tuple[float, float]:
+    """``--aws-latency-ms``: (DynamoDB, SQS) milliseconds."""
+    return _ms_pair(text, "--aws-latency-ms", "DYNAMODB,SQS")
 
 
 def _per_callback_ms(cpu_s: float, ok: int) -> float:
@@ -458,7 +478,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         urls_file = tmp / "callback-urls.txt"
         if stubbed:
             aws_url, aws_proc = exits.enter_context(aws_stub(*latency_ms))
-            settings = _stub_settings(aws_url)
+            settings = stub_settings(aws_url)
             pool = [(uuid.uuid4().hex, new_submission_id()) for _ in range(a.pool)]
         else:
             server: MotoServer = exits.enter_context(moto())
@@ -468,6 +488,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             pool = asyncio.run(_seed(settings, a.pool))
             print(f"  seeded {len(pool)} submitted jobs in {time.monotonic() - t0:.1f}s", flush=True)
+        if a.linger_ms is not None:
+            ledger_ms, send_ms = _ms_pair(a.linger_ms, "--linger-ms", "LEDGER,SEND")
+            ledger = settings.ledger.model_copy(update={"callback_linger_ms": ledger_ms})
+            queue = settings.queue.model_copy(update={"send_linger_ms": send_ms})
+            settings = settings.model_copy(update={"ledger": ledger, "queue": queue})
         if a.ledger_batch_items is not None:
             ledger = settings.ledger.model_copy(update={"callback_batch_items": a.ledger_batch_items})
             settings = settings.model_copy(update={"ledger": ledger})
@@ -484,12 +509,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             tree = Path(a.tree).resolve() if name.endswith("_tree") else None
             env, cwd = ({"PYTHONPATH": str(tree)}, tree) if tree else ({}, None)
             sources[name] = _pipeline_source(env, cwd, tree)
+            known = _known_env(env, cwd) if tree else None
             replicas = []
             for i in range(a.replicas):
                 svc_settings = settings.model_copy(
                     update={"ledger": ledger, "http": settings.http.model_copy(update={"port": free_port()})}
                 )
-                service = ServiceProcess(svc_settings, tmp / f"{name}-{i}.log").start(extra_env=env, cwd=cwd)
+                service = ServiceProcess(svc_settings, tmp / f"{name}-{i}.log").start(
+                    extra_env=env, cwd=cwd, known_env=known
+                )
                 exits.callback(service.terminate)
                 for path in urls_file.read_text().splitlines()[:WARMUP]:  # first calls load botocore's models
                     urllib.request.urlopen(service.url + path, timeout=30).close()
@@ -553,6 +581,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "aws": a.aws,
         "aws_latency_ms": list(latency_ms) if stubbed else None,
         "ledger_callback_batch_items": settings.ledger.callback_batch_items,
+        "linger_ms": {"ledger": settings.ledger.callback_linger_ms, "send": settings.queue.send_linger_ms},
         "replicas": a.replicas,
         "sources": sources,
         "summary": summarize(runs),
@@ -669,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="the service's LEDGER__CALLBACK_BATCH_ITEMS (default: its own default); 1: no transactions. On moto, "
         "use 1: moto copies the whole table for every item of a TransactWriteItems",
+    )
+    p.add_argument(
+        "--linger-ms",
+        metavar="LEDGER,SEND",
+        help="the service's LEDGER__CALLBACK_LINGER_MS and QUEUE__SEND_LINGER_MS (one number: both; default: its own "
+        "defaults); the *_tree targets get them only if their settings know them",
     )
     p.add_argument(
         "--targets",

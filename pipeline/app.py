@@ -82,7 +82,7 @@ async def build_components(settings: Settings, stack: AsyncExitStack, metrics: M
     if not queue_url:
         resp = await aws.sqs.get_queue_url(QueueName=settings.queue.work_queue_name)
         queue_url = str(resp["QueueUrl"])
-    queue = WorkQueue(aws.sqs, queue_url)
+    queue = WorkQueue(aws.sqs, queue_url, send_linger_s=settings.queue.send_linger_ms / 1000)
     publisher = build_publisher(aws, settings.events)
     manifests = ManifestStore.from_settings(aws.s3, settings.s3)
     transfer = S3Transfer(aws.s3, settings.s3)
@@ -115,7 +115,11 @@ def create_app(
     async def components_ctx(app: web.Application) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             c = app[COMPONENTS_KEY] = await build_components(settings, stack, metrics)
-            fast_path = TokenCallbackBatcher(c.ledger, max_items=settings.ledger.callback_batch_items)
+            fast_path = TokenCallbackBatcher(
+                c.ledger,
+                max_items=settings.ledger.callback_batch_items,
+                linger_s=settings.ledger.callback_linger_ms / 1000,
+            )
             recorder = app[RECORDER_KEY] = CallbackRecorder(c.ledger, fast_path, metrics=metrics)
             app[CALLBACKS_KEY] = CallbackHandler(
                 authenticator=CallbackAuthenticator(settings.security, c.signer),

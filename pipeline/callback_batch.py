@@ -13,6 +13,11 @@ in the next batch, then, if cancelled once more, each with its own UpdateItem. S
 exactly once or refused, whatever the mix. Callbacks with a ``Zuora-Notification-Id`` (UI callouts) always take
 the single call: their de-duplication needs the item as it was before, which a transaction does not return.
 
+With ``linger_s`` (the service sets ``ledger.callback_linger_ms``), callbacks that arrive in a burst (less than
+``linger_s`` apart) wait up to that long for others to share their call even when no call is in flight: at 500
+callbacks/s against ``bench.awsstub`` that is about half the ledger calls. A callback after a quiet spell is
+counted at once.
+
 Cost against real DynamoDB: a transactional write consumes twice the write capacity of a plain one, for items
 of a few hundred bytes; it only happens when callbacks overlap. IAM authorizes each ``Update`` of a transaction as
 ``dynamodb:UpdateItem``, which the task role in ``infra/`` already grants.
@@ -37,7 +42,7 @@ _Waiting = Waiting[TokenCallback, CallbackRecord | None]
 class TokenCallbackBatcher:
     """Counts token callbacks for the receiver; see the module docstring. ``max_items`` 1 turns batching off."""
 
-    def __init__(self, ledger: JobLedger, *, max_items: int = 25, max_calls: int = 1) -> None:
+    def __init__(self, ledger: JobLedger, *, max_items: int = 25, max_calls: int = 1, linger_s: float = 0.0) -> None:
         if not 1 <= max_items <= MAX_TRANSACTION_ITEMS:
             raise ValueError(f"max_items must be 1..{MAX_TRANSACTION_ITEMS}")
         self._ledger = ledger
@@ -47,6 +52,8 @@ class TokenCallbackBatcher:
             self._take,
             error=lambda exc: LedgerError(f"callback not recorded: {exc!r}"),
             max_calls=max_calls,
+            full=max_items,
+            linger_s=linger_s,
             name="ledger-callback-batch",
         )
         self.transactions = 0  # TransactWriteItems calls made, for tests

@@ -110,6 +110,7 @@ class QueueSettings(_Group):
     wait_time_s: int = Field(default=10, ge=0, le=20)
     concurrency: int = Field(default=4, ge=1, le=256)
     worker_enabled: bool = True
+    send_linger_ms: float = Field(default=1.0, ge=0, le=100)
 
 
 class EventsSettings(_Group):
@@ -129,6 +130,7 @@ class LedgerSettings(_Group):
     table_name: str = "aqua-pipeline-jobs"
     retention_days: int = Field(default=30, ge=1)
     callback_batch_items: int = Field(default=25, ge=1, le=100)
+    callback_linger_ms: float = Field(default=1.0, ge=0, le=100)
     token_callbacks_at: Literal["receiver", "worker"] = "receiver"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from pipeline.batching import NaturalBatcher, Waiting, first
 
@@ -50,3 +51,80 @@ async def test_items_that_arrive_during_a_call_go_together_in_the_next() -> None
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 2) == [1, 2, 3, 4]
     assert sent == [[1], [2, 3, 4]]
+
+
+def recording_batcher(
+    sent: list[list[int]], *, gate: asyncio.Event | None = None, **kw: Any
+) -> NaturalBatcher[int, int]:
+    """Records each call's batch (after ``gate``, when given, for a call whose first item is 1)."""
+
+    async def send(batch: list[Waiting[int, int]]) -> None:
+        if gate is not None and batch[0].item == 1:
+            await gate.wait()
+        sent.append([w.item for w in batch])
+        for w in batch:
+            w.settle(w.item)
+
+    return NaturalBatcher(send, first(kw.pop("n", 10)), error=RuntimeError, **kw)
+
+
+async def test_with_linger_a_lone_item_still_goes_at_once() -> None:
+    sent: list[list[int]] = []
+    batcher = recording_batcher(sent, linger_s=30.0, full=10)
+    assert await asyncio.wait_for(batcher.submit(1), 5) == 1  # a 30 s linger would time out here
+    assert sent == [[1]]
+
+
+async def test_a_burst_lingers_and_shares_one_call() -> None:
+    """The first item goes at once, with whatever arrived in the same loop turn; items that follow less than
+    ``linger_s`` apart wait until the oldest of them has waited ``linger_s``, then go together."""
+    loop = asyncio.get_running_loop()
+    sent: list[list[int]] = []
+    batcher = recording_batcher(sent, linger_s=0.2, full=10)
+    tasks = [asyncio.create_task(batcher.submit(1)), asyncio.create_task(batcher.submit(2))]
+    await asyncio.sleep(0.02)
+    t0 = loop.time()
+    tasks += [asyncio.create_task(batcher.submit(3))]
+    await asyncio.sleep(0.02)
+    tasks += [asyncio.create_task(batcher.submit(4))]
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [1, 2, 3, 4]
+    assert sent == [[1, 2], [3, 4]]
+    assert loop.time() - t0 >= 0.2
+
+
+async def test_a_full_batch_never_lingers() -> None:
+    sent: list[list[int]] = []
+    batcher = recording_batcher(sent, n=3, linger_s=30.0, full=3)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(1, 7))), 5)
+    assert results == [1, 2, 3, 4, 5, 6]
+    assert sent == [[1, 2, 3], [4, 5, 6]]
+
+
+async def test_beyond_the_eager_call_a_partial_batch_waits_its_linger_and_a_full_one_does_not() -> None:
+    """``eager_calls=1``: while one call is in flight, a partial batch goes once its oldest item has waited
+    ``linger_s`` (not before), a full batch at once; neither waits for the call in flight to end."""
+    loop = asyncio.get_running_loop()
+    gate, sent = asyncio.Event(), []
+    batcher = recording_batcher(sent, gate=gate, n=3, max_calls=3, eager_calls=1, full=3, linger_s=0.15)
+    first_call = asyncio.create_task(batcher.submit(1))  # a lone item: goes at once, then hangs on the gate
+    await asyncio.sleep(0.3)  # a quiet spell: the next item is not part of a burst
+    t0 = loop.time()
+    assert await asyncio.wait_for(batcher.submit(2), 5) == 2
+    assert loop.time() - t0 >= 0.15
+    full = asyncio.gather(*(batcher.submit(i) for i in (3, 4, 5)))
+    assert await asyncio.wait_for(full, 0.1) == [3, 4, 5]
+    assert sent == [[2], [3, 4, 5]] and not first_call.done()
+    gate.set()
+    assert await first_call == 1
+
+
+async def test_without_linger_items_go_as_soon_as_a_call_is_free() -> None:
+    """``linger_s=0`` (the default) is plain natural batching, whatever ``eager_calls`` and ``full`` say."""
+    gate, sent = asyncio.Event(), []
+    batcher = recording_batcher(sent, gate=gate, max_calls=2, eager_calls=1, full=10)
+    first_call = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(batcher.submit(2), 1) == 2
+    gate.set()
+    assert await first_call == 1
+    assert sent == [[2], [1]]

@@ -196,6 +196,13 @@ def test_e2e_quick(tmp_path: Path) -> None:
     assert all(r["p50_ms"] > 0 for r in rows)
 
 
+def test_sdkcall_quick(tmp_path: Path) -> None:
+    result = run_bench("bench.sdkcall", tmp_path)
+    rows = {r["variant"]: r for r in result["summary"]}
+    assert set(rows) == {"bare_post", "sqs_send_1", "sqs_send_10", "ledger_update", "ledger_transact_25"}
+    assert rows["bare_post"]["x_bare"] == 1 and all(r["cpu_ms_per_call_median"] > 0 for r in rows.values())
+
+
 def test_verifier_quick(tmp_path: Path) -> None:
     result = run_bench("bench.verifier", tmp_path)
     rows = {r["variant"]: r for r in result["rows"]}
@@ -238,12 +245,34 @@ def test_callbacks_summary_takes_medians_and_ranges_over_repetitions() -> None:
     assert ["ours", "saturation (closed loop)", "3", "330", "300-360", "10", "20", "10-30"] in [c[:8] for c in cells]
 
 
-def test_callbacks_tree_target_runs_the_other_tree(tmp_path: Path) -> None:
+LINGER_FIELD = "    callback_linger_ms: float = Field(default=1.0, ge=0, le=100)\n"
+
+
+def older_tree(tmp_path: Path) -> Path:
+    """A copy of this tree whose settings predate ``ledger.callback_linger_ms`` (its app does not read it)."""
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "pipeline", tree / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    settings, app = tree / "pipeline" / "settings.py", tree / "pipeline" / "app.py"
+    assert LINGER_FIELD in settings.read_text() and "settings.ledger.callback_linger_ms" in app.read_text()
+    settings.write_text(settings.read_text().replace(LINGER_FIELD, ""))
+    app.write_text(app.read_text().replace("settings.ledger.callback_linger_ms / 1000", "0.0"))
+    return tree
+
+
+def test_callbacks_tree_gets_only_the_settings_it_knows(tmp_path: Path) -> None:
+    tree = older_tree(tmp_path)
+    ours, theirs = bench.callbacks._known_env({}, None), bench.callbacks._known_env({"PYTHONPATH": str(tree)}, tree)
+    assert ours - theirs == {"AQUA_PIPELINE_LEDGER__CALLBACK_LINGER_MS"}
+    assert {"AQUA_PIPELINE_LEDGER__TABLE_NAME", "AQUA_PIPELINE_QUEUE__WORK_QUEUE_URL"} <= theirs
+
+
+def test_callbacks_tree_target_runs_the_other_tree(tmp_path: Path) -> None:
+    tree = older_tree(tmp_path)  # it would refuse to start if handed a variable it does not know
     out = tmp_path / "out"
     out.mkdir()
-    result = run_bench("bench.callbacks", out, "--aws", "stub", "--targets", "bare,ours,ours_tree", "--tree", str(tree))
+    args = ("--aws", "stub", "--targets", "bare,ours,ours_tree", "--tree", str(tree), "--linger-ms", "0.5,2")
+    result = run_bench("bench.callbacks", out, *args)
     assert result["sources"] == {"ours": str(ROOT / "pipeline"), "ours_tree": str(tree / "pipeline")}
+    assert result["linger_ms"] == {"ledger": 0.5, "send": 2.0}
     tree_runs = [r for r in result["runs"] if r["target"] == "ours_tree"]
     assert tree_runs and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in tree_runs)

@@ -18,16 +18,22 @@ async def queue_url(aws: AwsClients, unique: str) -> str:
     return str(resp["QueueUrl"])
 
 
-async def test_concurrent_sends_are_batched_and_all_stored(aws: AwsClients, queue_url: str) -> None:
+def counting_queue(aws: AwsClients, queue_url: str, **kw: Any) -> tuple[WorkQueue, list[int]]:
+    """A work queue whose SendMessageBatch calls are recorded (their entry counts) on the way to moto."""
     calls: list[int] = []
     original = aws.sqs.send_message_batch
 
-    async def counting(**kw: Any) -> Any:
-        calls.append(len(kw["Entries"]))
-        return await original(**kw)
+    async def counting(**params: Any) -> Any:
+        calls.append(len(params["Entries"]))
+        return await original(**params)
 
-    queue = WorkQueue(aws.sqs, queue_url, max_send_calls=2)
+    queue = WorkQueue(aws.sqs, queue_url, **kw)
     queue.sqs = type("Sqs", (), {"send_message_batch": staticmethod(counting)})()
+    return queue, calls
+
+
+async def test_concurrent_sends_are_batched_and_all_stored(aws: AwsClients, queue_url: str) -> None:
+    queue, calls = counting_queue(aws, queue_url, max_send_calls=2)
     ids = await asyncio.gather(*(queue.send(WorkMessage(job_id=f"{i:032x}")) for i in range(45)))
     assert len(set(ids)) == 45
     assert sum(calls) == 45
@@ -42,6 +48,20 @@ async def test_concurrent_sends_are_batched_and_all_stored(aws: AwsClients, queu
         if len(seen) == 45:
             break
     assert seen == {f"{i:032x}" for i in range(45)}
+
+
+async def test_with_linger_a_burst_of_sends_shares_a_call(aws: AwsClients, queue_url: str) -> None:
+    """``send_linger_s``: the first message of a burst goes at once, the rest (arriving while it is in flight,
+    less than the linger apart) wait for one another and go in one call."""
+    queue, calls = counting_queue(aws, queue_url, send_linger_s=0.5)
+
+    async def send_later(i: int) -> str:
+        await asyncio.sleep(0.01 * i)
+        return await queue.send(WorkMessage(job_id=f"{i:032x}"))
+
+    ids = await asyncio.gather(*(send_later(i) for i in range(5)))
+    assert len(set(ids)) == 5
+    assert calls == [1, 4]
 
 
 async def test_a_single_send_goes_at_once(aws: AwsClients, queue_url: str) -> None:

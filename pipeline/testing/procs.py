@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,17 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.settings.http.port}"
 
     def start(
-        self, *, timeout_s: float = 30.0, extra_env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        *,
+        timeout_s: float = 30.0,
+        extra_env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        known_env: Collection[str] | None = None,
     ) -> ServiceProcess:
-        """Start (in ``cwd``, default this process's) and wait until ``/healthz`` answers."""
+        """Start (in ``cwd``, default this process's) and wait until ``/healthz`` answers. ``known_env``: pass only
+        these settings variables (for a service from another source tree, whose settings may predate some)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update(settings_env(self.settings))
+        env.update({k: v for k, v in settings_env(self.settings).items() if known_env is None or k in known_env})
         env.update(extra_env or {})
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
