@@ -419,7 +419,8 @@ TARGETS = ("bare", *OURS)
 
 def _known_env(env: dict[str, str], cwd: Path | None) -> frozenset[str]:
     """The settings variables the ``pipeline`` package found with this environment knows (another tree's may
-    predate some of ours: those are left out, so it runs on its own defaults)."""
+    predate some of ours: those are left out, so it runs on its own defaults). The code runs against that tree,
+    so it uses only what every tree has (``Settings``, ``ENV_PREFIX``), no helper of ours."""
     code = (
         "from pipeline.settings import ENV_PREFIX as P, Settings as S\n"
         "for n, f in S.model_fields.items():\n"

@@ -113,19 +113,19 @@ async def measure(stub_url: str, calls: int, repeat: int, variants: tuple[str, .
 
 
 def summarize(runs: list[dict[str, Any]], variants: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Median CPU per call of each variant and its ratio to ``bare_post``."""
-    med = {v: median([r["cpu_ms_per_call"] for r in runs if r["variant"] == v]) for v in variants}
-    base = med.get("bare_post")
+    """Median CPU per call of each variant, its range, and its ratio to ``bare_post``."""
+    per = {v: [r["cpu_ms_per_call"] for r in runs if r["variant"] == v] for v in variants}
+    base = median(per["bare_post"]) if per.get("bare_post") else None
     return [
         {
             "variant": v,
-            "runs": sum(r["variant"] == v for r in runs),
-            "cpu_ms_per_call_median": med[v],
-            "min": min(r["cpu_ms_per_call"] for r in runs if r["variant"] == v),
-            "max": max(r["cpu_ms_per_call"] for r in runs if r["variant"] == v),
-            "x_bare": med[v] / base if base else None,
+            "runs": len(cpu),
+            "cpu_ms_per_call_median": median(cpu),
+            "min": min(cpu),
+            "max": max(cpu),
+            "x_bare": median(cpu) / base if base else None,
         }
-        for v in variants
+        for v, cpu in per.items()
     ]
 
 

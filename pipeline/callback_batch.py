@@ -14,9 +14,8 @@ exactly once or refused, whatever the mix. Callbacks with a ``Zuora-Notification
 the single call: their de-duplication needs the item as it was before, which a transaction does not return.
 
 With ``linger_s`` (the service sets ``ledger.callback_linger_ms``), callbacks that arrive in a burst (less than
-``linger_s`` apart) wait up to that long for others to share their call even when no call is in flight: at 500
-callbacks/s against ``bench.awsstub`` that is about half the ledger calls. A callback after a quiet spell is
-counted at once.
+``linger_s`` apart) wait up to that long for others to share their call even when no call is in flight; a
+callback after a quiet spell is counted at once (figures: ``docs/benchmarks.md``).
 
 Cost against real DynamoDB: a transactional write consumes twice the write capacity of a plain one, for items
 of a few hundred bytes; it only happens when callbacks overlap. IAM authorizes each ``Update`` of a transaction as
