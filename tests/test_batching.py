@@ -128,3 +128,19 @@ async def test_without_linger_items_go_as_soon_as_a_call_is_free() -> None:
     gate.set()
     assert await first_call == 1
     assert sent == [[2], [1]]
+
+
+async def test_an_item_that_lingers_past_the_last_call_still_goes() -> None:
+    """One call at a time: an item arriving in a burst while the only call is in flight cannot start its own (and
+    arms no timer then); when that call ends sooner than the linger, the item must still go once it has waited."""
+    loop = asyncio.get_running_loop()
+    gate, sent = asyncio.Event(), []
+    batcher = recording_batcher(sent, gate=gate, max_calls=1, full=10, linger_s=0.2)
+    first_call = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0.01)
+    t0 = loop.time()
+    second = asyncio.create_task(batcher.submit(2))
+    await asyncio.sleep(0.02)
+    gate.set()  # the call in flight ends well within the second item's linger
+    assert await asyncio.wait_for(asyncio.gather(first_call, second), 5) == [1, 2]
+    assert sent == [[1], [2]] and loop.time() - t0 >= 0.2

@@ -64,6 +64,19 @@ async def test_with_linger_a_burst_of_sends_shares_a_call(aws: AwsClients, queue
     assert calls == [1, 4]
 
 
+async def test_with_linger_a_failed_send_fails_every_caller_waiting(aws: AwsClients, queue_url: str) -> None:
+    """Messages lingering for a batch are not left waiting when the call fails: each caller gets the error (the
+    receiver then answers 5xx, so Zuora calls again: nothing is acknowledged that was not stored)."""
+    queue = WorkQueue(aws.sqs, queue_url + "-missing", send_linger_s=0.2)
+
+    async def send_later(i: int) -> str:
+        await asyncio.sleep(0.01 * i)
+        return await queue.send(WorkMessage(job_id=f"{i:032x}"))
+
+    results = await asyncio.wait_for(asyncio.gather(*(send_later(i) for i in range(12)), return_exceptions=True), 10)
+    assert all(isinstance(r, QueueError) for r in results), results
+
+
 async def test_a_single_send_goes_at_once(aws: AwsClients, queue_url: str) -> None:
     queue = WorkQueue(aws.sqs, queue_url)
     assert await queue.send(WorkMessage(job_id="a" * 32))
