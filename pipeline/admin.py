@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from pipeline import ops
 from pipeline.aqua.models import is_aqua_id
-from pipeline.callbacks import error_response, json_response
+from pipeline.callbacks import error_response, json_response, read_body
 from pipeline.errors import AquaNotFound, AquaValidationError, PipelineError
 from pipeline.jobdefs import JobDefinitionError, parse_job_definitions
 from pipeline.settings import Settings
@@ -62,7 +62,7 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
         return wrapper
 
     async def submit(request: web.Request) -> web.Response:
-        body = await request.read()
+        body = await read_body(request, settings.http.body_timeout_s)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

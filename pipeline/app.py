@@ -127,6 +127,7 @@ def create_app(
                 queue=c.queue,
                 metrics=metrics,
                 defer_token_callbacks=settings.ledger.token_callbacks_at == "worker",
+                body_timeout_s=settings.http.body_timeout_s,
             )
             yield
 
@@ -245,7 +246,8 @@ async def error_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
+        codes = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout", 413: "payload_too_large"}
+        code = codes.get(exc.status, "http_error")
         return error_response(exc.status, code, exc.reason)
     except PipelineError as exc:
         log.warning("request failed: %s", exc)
@@ -262,10 +264,29 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
         self.logger.info("%s %s %s %s %.4fs", request.remote, request.method, request.path, response.status, time)
 
 
-def make_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> web.AppRunner:
-    """The AppRunner every server of ours uses (path-only access log, our own signal handling)."""
+def make_runner(
+    app: web.Application,
+    *,
+    shutdown_timeout: float = 60.0,
+    idle_timeout_s: float = 75.0,
+    body_timeout_s: float = 10.0,
+) -> web.AppRunner:
+    """The AppRunner every server of ours uses (path-only access log, our own signal handling).
+
+    ``idle_timeout_s`` is aiohttp's keep-alive timeout, which also bounds a client that never finishes its request
+    headers: a connection is closed once it has waited that long, since it opened or since its last response,
+    without a whole request (bytes of an unfinished one do not extend it). aiohttp's own default for an AppRunner
+    is an hour. ``body_timeout_s`` is how long, after answering a request whose body was not read to its end (a
+    408, say), the server still reads and discards the rest before it closes the connection (aiohttp's lingering
+    time), so a client still sending can read the answer.
+    """
     return web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=shutdown_timeout, access_log_class=PathOnlyAccessLogger
+        app,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=idle_timeout_s,
+        lingering_time=body_timeout_s,
+        access_log_class=PathOnlyAccessLogger,
     )
 
 
@@ -276,7 +297,12 @@ def serve(settings: Settings) -> None:
 
 async def _serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = make_runner(app, shutdown_timeout=min(settings.http.shutdown_grace_s, _REQUEST_DRAIN_S))
+    runner = make_runner(
+        app,
+        shutdown_timeout=min(settings.http.shutdown_grace_s, _REQUEST_DRAIN_S),
+        idle_timeout_s=settings.http.idle_timeout_s,
+        body_timeout_s=settings.http.body_timeout_s,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.http.host, settings.http.port).start()

@@ -10,6 +10,7 @@ Accepted shapes (REFERENCE.md §7):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -59,7 +60,19 @@ def _pick(fields: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
     return None
 
 
-async def read_fields(request: web.Request) -> dict[str, str]:
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The request body (bounded by the app's ``client_max_size``: 413 beyond it), which must arrive within
+    ``timeout_s``: a client that sends its headers and then stalls would otherwise hold the handler, and the
+    connection, for as long as it likes. ``web.HTTPRequestTimeout`` (408) when it does not; later
+    ``request.read()`` or ``request.post()`` calls reuse the body read here."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason=f"request body not received within {timeout_s:g} s") from None
+
+
+async def read_fields(request: web.Request, *, body_timeout_s: float) -> dict[str, str]:
     """Query parameters merged with a form or JSON body, keys lower-cased."""
     if len(request.query_string) > MAX_QUERY_STRING:
         raise CallbackRejected("query string too long", status=414, code="uri_too_long")
@@ -68,9 +81,11 @@ async def read_fields(request: web.Request) -> dict[str, str]:
         fields.setdefault(k.lower(), v)
     if request.method == "POST" and request.can_read_body:
         try:
-            body = await request.read()  # bounded by the app's client_max_size (413 beyond it)
+            body = await read_body(request, body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             raise CallbackRejected("callback body is too large", status=413, code="payload_too_large") from None
+        except web.HTTPRequestTimeout as exc:
+            raise CallbackRejected(exc.reason, status=408, code="body_timeout") from None
         ctype = request.content_type
         if body and ctype == "application/json":
             try:
@@ -136,12 +151,14 @@ class CallbackHandler:
         queue: WorkQueue,
         metrics: Metrics,
         defer_token_callbacks: bool = False,
+        body_timeout_s: float = 10.0,
     ) -> None:
         self.authenticator = authenticator
         self.recorder = recorder
         self.queue = queue
         self.metrics = metrics
         self.defer_token_callbacks = defer_token_callbacks
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -150,7 +167,7 @@ class CallbackHandler:
         except CallbackRejected as exc:
             self.metrics.callbacks.labels(exc.code).inc()
             log.debug("callback rejected: %s (%s)", exc.code, exc)
-            return error_response(exc.status, exc.code, str(exc), headers=getattr(exc, "headers", None))
+            return error_response(exc.status, exc.code, str(exc), headers=exc.headers)
         except PipelineError as exc:
             self.metrics.callbacks.labels("unavailable").inc()
             log.error("callback could not be recorded: %s", exc)
@@ -159,7 +176,7 @@ class CallbackHandler:
             self.metrics.callback_latency.observe(time.perf_counter() - started)
 
     async def _handle(self, request: web.Request) -> web.Response:
-        fields = await read_fields(request)
+        fields = await read_fields(request, body_timeout_s=self.body_timeout_s)
         # the query as sent, not the merged fields: a repeated token or secret must be seen to be refused
         auth: AuthResult = self.authenticator.authenticate(
             query=request.query, headers=request.headers, remote=request.remote
@@ -209,8 +226,12 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     retry_after: int | None = None,
 ) -> web.Response:
-    """The JSON error shape every route uses: ``{"error": code, "message": ...}``."""
+    """The JSON error shape every route uses: ``{"error": code, "message": ...}``. A 408 also closes the
+    connection: the rest of the request that did not come in time must not be read as the next one."""
     hdrs = dict(headers or {})
     if retry_after is not None:
         hdrs["Retry-After"] = str(retry_after)
-    return json_response(status, {"error": code, "message": message}, headers=hdrs)
+    resp = json_response(status, {"error": code, "message": message}, headers=hdrs)
+    if status == 408:
+        resp.force_close()
+    return resp

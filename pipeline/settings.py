@@ -142,6 +142,8 @@ class HttpSettings(_Group):
     public_base_url: str = "http://127.0.0.1:8080"
     callback_path: str = "/callbacks/aqua"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    idle_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     drain_delay_s: float = Field(default=5.0, ge=0)
 

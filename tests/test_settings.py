@@ -28,6 +28,8 @@ def test_nested_env_variable_is_read() -> None:
         ("AQUA_PIPELINE_QUEUE__SEND_LINGER_MS", "-1"),
         ("AQUA_PIPELINE_QUEUE__SEND_LINGER_MS", "soon"),
         ("AQUA_PIPELINE_LEDGER__CALLBACK_LINGER_MS", "101"),
+        ("AQUA_PIPELINE_HTTP__IDLE_TIMEOUT_S", "0"),
+        ("AQUA_PIPELINE_HTTP__BODY_TIMEOUT_S", "forever"),
     ],
 )
 def test_bad_variable_is_named(variable: str, value: str) -> None:

@@ -36,9 +36,13 @@ from pipeline.testing.faultproxy import create_faultproxy_app
 from pipeline.testing.moto import free_port
 
 
-async def serve_app(stack: AsyncExitStack, app: web.Application, port: int) -> str:
-    """Serve ``app`` on 127.0.0.1:``port`` until ``stack`` closes; returns its base URL."""
-    runner = make_runner(app, shutdown_timeout=5)
+async def serve_app(stack: AsyncExitStack, app: web.Application, port: int, *, http: HttpSettings | None = None) -> str:
+    """Serve ``app`` on 127.0.0.1:``port`` until ``stack`` closes; returns its base URL. ``http``: the service's
+    connection deadlines (idle and body timeouts), as ``serve`` applies them."""
+    http = http or HttpSettings()
+    runner = make_runner(
+        app, shutdown_timeout=5, idle_timeout_s=http.idle_timeout_s, body_timeout_s=http.body_timeout_s
+    )
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -170,5 +174,5 @@ async def running_stack(
         service_url = settings.http.public_base_url
         if start_service:
             app = create_app(settings, run_worker=run_worker, run_reconciler=run_reconciler)
-            service_url = await serve_app(stack, app, port)
+            service_url = await serve_app(stack, app, port, http=settings.http)
         yield Stack(settings, sim_app[SIMULATOR_KEY], sim_url, service_url, app, clients, resources)

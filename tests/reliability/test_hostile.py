@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,7 +26,9 @@ from pydantic import SecretStr
 
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer, free_port
+from pipeline.testing.procs import ServiceProcess
 from pipeline.testing.stack import Stack, running_stack
+from tests.test_callback_security import callback_counts
 
 T = TypeVar("T")
 ADMIN_TOKEN = "hostile-admin-token-5c2e"
@@ -375,22 +378,103 @@ async def test_slow_loris_clients_do_not_block_others(moto_server: MotoServer) -
         assert max(latencies) < 1.0, latencies
 
 
-@pytest.mark.xfail(
-    reason="DEFECT: aiohttp has no header-read timeout, so a client that never finishes its request headers holds "
-    "a connection (and a file descriptor) forever. Fix: terminate at a reverse proxy / load balancer with a header "
-    "timeout (nginx client_header_timeout, ALB idle timeout), and/or cap connections per replica.",
-    strict=True,
-)
-async def test_a_connection_with_unfinished_headers_is_eventually_closed(moto_server: MotoServer) -> None:
-    async with running_stack(moto_server.url, run_worker=False) as stack:
+def deadlines(*, idle_s: float, body_s: float) -> Callable[[Settings], Settings]:
+    """``HTTP__IDLE_TIMEOUT_S`` and ``HTTP__BODY_TIMEOUT_S`` (and the admin token)."""
+
+    def tweak(s: Settings) -> Settings:
+        s = with_admin(s)
+        return s.model_copy(
+            update={"http": s.http.model_copy(update={"idle_timeout_s": idle_s, "body_timeout_s": body_s})}
+        )
+
+    return tweak
+
+
+async def closed_within(reader: asyncio.StreamReader, timeout_s: float) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it is still open after ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=timeout_s)
+    except ConnectionResetError:
+        return b""
+    except TimeoutError:
+        return None
+
+
+async def unfinished_headers_closed_after(url: str) -> float:
+    """Open a connection to ``url``, drip header lines of a request that never ends; seconds until the server
+    closed it without an answer (the test fails if it is still open after 5 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+
+    async def drip() -> None:  # bytes of an unfinished request do not put the deadline off
+        for i in range(100):
+            writer.write(f"X-{i}: z\r\n".encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    dripper = asyncio.create_task(drip())
+    started = time.monotonic()
+    try:
+        data = await closed_within(reader, 5)
+    finally:
+        dripper.cancel()
+        await asyncio.gather(dripper, return_exceptions=True)
+        writer.close()
+    assert data is not None, "the server kept a connection with unfinished headers open"
+    assert data == b"", data  # closed without an answer
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("server", ["in_process", "serve"])
+async def test_a_client_that_never_finishes_its_headers_is_disconnected(
+    moto_server: MotoServer, tmp_path: Path, server: str
+) -> None:
+    tweak = deadlines(idle_s=1, body_s=30)
+    async with running_stack(
+        moto_server.url, run_worker=False, tweak=tweak, start_service=server == "in_process"
+    ) as stack:
+        url = stack.service_url
+        proc = None
+        if server == "serve":  # the production entry point applies the setting too
+            settings = stack.settings.model_copy(
+                update={"http": stack.settings.http.model_copy(update={"port": free_port()})}
+            )
+            proc = ServiceProcess(settings, tmp_path / "serve.log").start()
+            url = proc.url
+        try:
+            assert await unfinished_headers_closed_after(url) < 4
+            # a whole request on a fresh connection is still served
+            async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+        finally:
+            if proc is not None:
+                proc.terminate()
+
+
+@pytest.mark.parametrize("route", ["callback", "admin"])
+async def test_a_body_that_stalls_gets_408_and_the_connection_closes(moto_server: MotoServer, route: str) -> None:
+    async with running_stack(moto_server.url, run_worker=False, tweak=deadlines(idle_s=30, body_s=0.5)) as stack:
+        if route == "callback":
+            head = f"POST {stack.settings.http.callback_path}?jobId={'a' * 32}&status=Completed HTTP/1.1\r\n"
+        else:
+            head = f"POST /admin/jobs HTTP/1.1\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+        payload = head + 'Host: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{"jobId": '
         host, port = stack.service_url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # headers never finished
-        await writer.drain()
+        started = time.monotonic()
         try:
-            data = await asyncio.wait_for(reader.read(), timeout=4)
-        except TimeoutError:
-            data = None  # still open after 4 s of silence
+            writer.write(payload.encode())  # 10 of the 200 bytes announced, then nothing
+            await writer.drain()
+            data = await closed_within(reader, 5)
         finally:
             writer.close()
-        assert data is not None, "the server kept a connection with unfinished headers open"
+        assert data is not None, "the server kept waiting for the body"
+        assert data.startswith(b"HTTP/1.1 408 "), data
+        assert b"Connection: close" in data
+        assert b'"error":"body_timeout"' in data
+        assert time.monotonic() - started < 4
+        assert await stack.components.queue.depth() == 0
+        if route == "callback":
+            async with aiohttp.ClientSession() as http:
+                assert (await callback_counts(http, stack)).get("body_timeout") == 1
