@@ -18,7 +18,7 @@ import asyncio
 import logging
 
 from pipeline.callback_batch import TokenCallbackBatcher
-from pipeline.errors import CallbackRejected
+from pipeline.errors import CallbackRejected, PipelineError
 from pipeline.ledger import CallbackRecord, JobLedger
 from pipeline.metrics import Metrics
 from pipeline.models import WorkMessage
@@ -71,6 +71,17 @@ class CallbackRecorder:
         elif not await self._known_job(job_id):
             raise CallbackRejected("no job with this id was submitted by this service", status=404, code="unknown_job")
         return await self.ledger.record_callback(job_id, status=status, notification_id=notification_id)
+
+    async def unrecord(self, job_id: str, notification_id: str) -> None:
+        """Undo what :meth:`record` did for a callout identified by ``notification_id`` whose work message could
+        not be sent, so its retry is not answered as a duplicate and left unqueued. Best effort: if the ledger is
+        failing too, the reconciler re-drives the job after ``callback_grace_s``."""
+        try:
+            await self.ledger.forget_notification(job_id, notification_id)
+        except PipelineError as exc:
+            log.warning(
+                "callout %s could not be taken back (the reconciler will re-drive the job): %s", notification_id, exc
+            )
 
     async def admit(self, message: WorkMessage) -> bool:
         """The worker's side of a deferred token callback: count it as the receiver would have; False (drop the

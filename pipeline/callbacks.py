@@ -199,15 +199,19 @@ class CallbackHandler:
                     self.metrics.callbacks.labels("already_done").inc()
                     body = {"accepted": True, "already": str(record.state), "job_id": params.job_id}
                     return json_response(200, body)
-            await self.queue.send(
-                WorkMessage(
-                    job_id=params.job_id,
-                    callback_status=params.status,
-                    notification_id=params.notification_id,
-                    track_id=params.track_id,
-                    submission_id=submission_id if deferred else None,
-                )
+            message = WorkMessage(
+                job_id=params.job_id,
+                callback_status=params.status,
+                notification_id=params.notification_id,
+                track_id=params.track_id,
+                submission_id=submission_id if deferred else None,
             )
+            try:
+                await self.queue.send(message)
+            except PipelineError:
+                if not deferred and params.notification_id is not None:  # counted above, so a retry would be a
+                    await self.recorder.unrecord(params.job_id, params.notification_id)  # "duplicate": take it back
+                raise
             self.metrics.callbacks.labels("accepted").inc()
             log.info("callback accepted (status %s, via %s)", params.status, auth.method)
             return json_response(202, {"accepted": True, "job_id": params.job_id})

@@ -153,6 +153,20 @@ class CallbackLedger(SessionLedger):
         attrs = resp.get("Attributes")
         return LedgerItem.from_item(attrs) if attrs else None
 
+    async def forget_notification(self, job_id: str, notification_id: str) -> None:
+        """Take ``notification_id`` back out of the job's seen set: its callout was counted but could not be
+        enqueued (and was answered 503), so Zuora's retry of it must be taken as new, not as a duplicate."""
+        e = Expr()
+        try:
+            await self._update(
+                {"job_id": {"S": job_id}},
+                e,
+                f"DELETE {e.n('notification_ids')} {e.v({notification_id})}",
+                condition=f"attribute_exists({e.n('job_id')})",
+            )
+        except ConditionFailed:
+            pass  # the item is gone: nothing to forget
+
     async def bind_submission(self, submission_id: str, job_id: str) -> bool:
         """Bind a notifyUrl token's submission to one job id, first come first served; True when the
         submission is (now or already) bound to ``job_id``, False when it names another job."""

@@ -235,6 +235,9 @@ class Upload:
             await asyncio.wait(self._tasks)
         self.raise_if_failed()
         parts = [self._parts[n] for n in sorted(self._parts)]
+        if len(parts) != self._next_part - 1:  # a part task that ended without an ETag (cancelled from outside)
+            missing = sorted(set(range(1, self._next_part)) - set(self._parts))
+            raise StorageError(f"s3://{self._spec.bucket}/{self._spec.key}: parts {missing} were not uploaded")
         with s3_errors("CompleteMultipartUpload"):
             resp = await self._s3.complete_multipart_upload(
                 Bucket=self._spec.bucket,
@@ -318,6 +321,11 @@ class Upload:
             self._parts[number] = {"PartNumber": number, "ETag": resp["ETag"], self._checksum_field: checksum}
             self._stats.bytes_out += size
             self._stats.parts += 1
+        except Exception as exc:
+            # before the slot is released: the writer it wakes must see the failure and ship no further part
+            if self._failure is None:
+                self._failure = exc
+            raise
         finally:
             self._stats.hold(-size)
             self._buffers.give(part.buf, self._part_size)

@@ -11,15 +11,31 @@ import json
 import os
 import string
 from typing import Literal, Self, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
+
+from pipeline.tokens import build_notify_url
 
 ENV_PREFIX = "AQUA_PIPELINE_"
 KEY_FIELDS = frozenset({"prefix", "partner", "project", "job_name", "date", "job_id", "batch_name", "segment", "ext"})
 """The fields an object key template may use."""
 MIB = 1024 * 1024
+DEV_SIGNING_KEY = "dev-signing-key-change-me"
+"""The default notifyUrl token key: for the demo, the simulator and tests on loopback. Anyone can read it here, so
+a service reachable from elsewhere refuses it (see :class:`Settings`)."""
+MIN_SIGNING_KEY = 16
 
 
 class _Group(BaseModel):
@@ -34,8 +50,8 @@ class AquaSettings(_Group):
     client_secret: SecretStr = SecretStr("sim-secret")
     entity_ids: str | None = None
     org_ids: str | None = None
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 120.0
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=20)
     max_retry_time_s: float = Field(default=300.0, gt=0)
     backoff_base_s: float = Field(default=0.5, gt=0)
@@ -58,8 +74,8 @@ class AwsSettings(_Group):
     endpoint_url: str | None = None
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     max_pool_connections: int = Field(default=32, ge=1)
     s3_payload_signing: bool = False
@@ -94,8 +110,10 @@ class S3Settings(_Group):
         unknown = used - KEY_FIELDS
         if unknown:
             raise ValueError(f"unknown fields {sorted(unknown)}; the fields are {' '.join(sorted(KEY_FIELDS))}")
-        if not {"batch_name", "segment"} <= used:  # else a job's files would overwrite each other
-            raise ValueError("must contain {batch_name} and {segment}, which tell a job's files apart")
+        if not {"job_id", "batch_name", "segment"} <= used:  # else one file would overwrite another
+            raise ValueError(
+                "must contain {job_id}, {batch_name} and {segment}, which tell jobs and a job's files apart"
+            )
         return value
 
 
@@ -147,11 +165,21 @@ class HttpSettings(_Group):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     drain_delay_s: float = Field(default=5.0, ge=0)
 
+    @field_validator("public_base_url", "callback_path")
+    @classmethod
+    def _notify_url_part(cls, value: str, info: ValidationInfo) -> str:
+        # what every submit builds into its notifyUrl, checked at start-up instead of at the first submit
+        if info.field_name == "public_base_url":
+            build_notify_url(value, "/", "t")
+        else:
+            build_notify_url("http://h", value, "t")
+        return value
+
 
 class SecuritySettings(_Group):
     """Callback authentication and the admin API."""
 
-    signing_keys: list[SecretStr] = Field(default_factory=lambda: [SecretStr("dev-signing-key-change-me")])
+    signing_keys: list[SecretStr] = Field(default_factory=lambda: [SecretStr(DEV_SIGNING_KEY)], min_length=1)
     token_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     require_token: bool = True
     basic_user: str | None = None
@@ -160,6 +188,25 @@ class SecuritySettings(_Group):
     allow_cidrs: list[str] = Field(default_factory=list)
     trusted_proxies: list[str] = Field(default_factory=list)
     admin_token: SecretStr | None = None
+
+    @field_validator("basic_user", "basic_password", "shared_secret", "admin_token")
+    @classmethod
+    def _not_empty(cls, value: str | SecretStr | None) -> str | SecretStr | None:
+        # an empty password would let anyone in with an empty password (a secret template that rendered empty)
+        if value is not None and not (value.get_secret_value() if isinstance(value, SecretStr) else value):
+            raise ValueError("must not be empty (unset it instead)")
+        return value
+
+    @field_validator("signing_keys")
+    @classmethod
+    def _long_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(k.get_secret_value()) < MIN_SIGNING_KEY for k in value):
+            raise ValueError(f"every key must be at least {MIN_SIGNING_KEY} characters (a long random string)")
+        return value
+
+    def uses_dev_key(self) -> bool:
+        """True when the built-in development key (public, in this source) signs or verifies tokens."""
+        return any(k.get_secret_value() == DEV_SIGNING_KEY for k in self.signing_keys)
 
     @field_validator("allow_cidrs", "trusted_proxies")
     @classmethod
@@ -206,6 +253,27 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     reconciler: ReconcilerSettings = ReconcilerSettings()
 
+    @model_validator(mode="after")
+    def _no_public_dev_key(self) -> Self:
+        host = urlsplit(self.http.public_base_url).hostname or ""
+        if self.security.uses_dev_key() and not _is_loopback(host):
+            raise ValueError(
+                f"{ENV_PREFIX}SECURITY__SIGNING_KEYS: the built-in development key, which anyone can read, would "
+                f"sign and verify the callback tokens of a service reached at {host} "
+                f"({ENV_PREFIX}HTTP__PUBLIC_BASE_URL); set your own keys, e.g. "
+                f"""{ENV_PREFIX}SECURITY__SIGNING_KEYS='["<a long random key>"]'"""
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
 
 class SettingsError(Exception):
     """The environment does not describe a valid configuration; the message names the variables."""
@@ -218,6 +286,9 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
+            if not err["loc"]:  # a rule across groups: its message names the variables itself
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
             var = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
             problems.append(f"{var}: {err['msg']}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -659,3 +659,39 @@ def test_error_bodies_are_classified() -> None:
     )
     assert _error_from_body({"id": "a" * 32, "status": "completed"}, status=200, request_id=None) is None
     assert _error_from_body([1, 2], status=200, request_id=None) is None
+
+
+async def test_a_malformed_response_does_not_leak_the_bearer_token(
+    session: aiohttp.ClientSession, fake_time: FakeTime, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's error for a malformed response carries the request, bearer token included, in its repr: neither
+    the retry warnings nor the error that ends the call may show it."""
+    bearer = "SECRET-BEARER-7f3a"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = (await reader.read(65536)).split(b"\r\n", 1)[0]
+        if b"/oauth/token" in request_line:
+            body = b'{"access_token": "%s", "expires_in": 3600}' % bearer.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n")  # aiohttp: ClientResponseError
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = AquaSettings(
+        base_url=f"http://127.0.0.1:{port}", client_id="c", client_secret="s", max_attempts=3, backoff_base_s=0.01
+    )
+    client = AquaClient(session, settings, clock=fake_time.clock, sleep=fake_time.sleep)
+    try:
+        with caplog.at_level(logging.DEBUG), pytest.raises(AquaUnavailable) as err:
+            await client.get_job("0" * 32)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert "status=400" in str(err.value), err.value  # still says what happened
+    assert bearer not in str(err.value)
+    assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
+    assert not [r.getMessage() for r in caplog.records if bearer in r.getMessage()]

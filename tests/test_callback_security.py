@@ -23,11 +23,13 @@ from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
 from pipeline.aqua.simulator.config import UiCalloutConfig
 from pipeline.ledger import JobState
+from pipeline.models import WorkMessage
 from pipeline.settings import Settings
 from pipeline.submission import Submitted, Submitter
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import Stack, running_stack
 from pipeline.tokens import TokenSigner
+from pipeline.workqueue import QueueError
 
 OLD_KEY = "old-signing-key-7f3a9c1e5b"
 NEW_KEY = "new-signing-key-2d8e4a6c0f"
@@ -268,6 +270,41 @@ async def test_basic_callout_challenge_first_lands_once_and_redelivery_is_dedupl
         assert item is not None and item.callback_count == 3 and item.notification_ids == {notification_id}
         assert await stack.components.queue.depth() == 0
     assert assert_no_secrets(caplog.records, SECRETS) > 10
+
+
+async def test_a_callout_that_could_not_be_enqueued_is_taken_as_new_when_zuora_retries_it(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger counted the callout's notification id, then the work message could not be sent (503): Zuora's
+    retry of the same notification must be enqueued, not answered 200 ``duplicate`` and dropped."""
+    tweak = security(basic_user=BASIC_USER, basic_password=SecretStr(BASIC_PASSWORD))
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=tweak, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        job_id = (await submit_quietly(stack, "retried")).job.id or ""
+        queue = stack.components.queue
+        real_send = queue.send
+
+        async def sqs_down(message: WorkMessage, *, delay_s: int = 0) -> str:
+            raise QueueError("injected: SQS unavailable")
+
+        url = stack.service_url + stack.settings.http.callback_path
+        fields = {"Aqua.JobId": job_id, "Aqua.JobStatus": "Completed"}
+        headers = {
+            "Zuora-Notification-Id": "notif-3c1d",
+            "Authorization": aiohttp.encode_basic_auth(BASIC_USER, BASIC_PASSWORD),
+        }
+        async with aiohttp.ClientSession() as http:
+            monkeypatch.setattr(queue, "send", sqs_down)
+            status, body = await call(http, "POST", url, json=fields, headers=headers)
+            assert (status, body["error"]) == (503, "unavailable"), body
+            monkeypatch.setattr(queue, "send", real_send)
+            status, body = await call(http, "POST", url, json=fields, headers=headers)  # Zuora's retry
+            assert status == 202 and not body.get("duplicate"), body
+            status, body = await call(http, "POST", url, json=fields, headers=headers)  # and a real duplicate
+            assert (status, body.get("duplicate")) == (200, True), body
+        assert await queue.depth() == 1
+        item = await stack.components.ledger.get(job_id)
+        assert item is not None and item.notification_ids == {"notif-3c1d"}
 
 
 async def test_basic_callout_preemptive_lands(moto_server: MotoServer) -> None:

@@ -30,6 +30,16 @@ def test_nested_env_variable_is_read() -> None:
         ("AQUA_PIPELINE_LEDGER__CALLBACK_LINGER_MS", "101"),
         ("AQUA_PIPELINE_HTTP__IDLE_TIMEOUT_S", "0"),
         ("AQUA_PIPELINE_HTTP__BODY_TIMEOUT_S", "forever"),
+        ("AQUA_PIPELINE_AQUA__READ_TIMEOUT_S", "0"),  # aiohttp: 0 turns the timeout off, < 0 fails every call
+        ("AQUA_PIPELINE_AQUA__CONNECT_TIMEOUT_S", "-1"),
+        ("AQUA_PIPELINE_AWS__READ_TIMEOUT_S", "0"),
+        ("AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL", "ftp://hooks.example.com"),  # else every submit fails, not start-up
+        ("AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL", "https://hooks.example.com/?x=1"),
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/callbacks/aqua#x"),
+        ("AQUA_PIPELINE_SECURITY__SHARED_SECRET", ""),  # an empty secret would let in whoever sends an empty one
+        ("AQUA_PIPELINE_SECURITY__ADMIN_TOKEN", ""),
+        ("AQUA_PIPELINE_SECURITY__SIGNING_KEYS", '["too-short"]'),
+        ("AQUA_PIPELINE_SECURITY__SIGNING_KEYS", "[]"),
     ],
 )
 def test_bad_variable_is_named(variable: str, value: str) -> None:
@@ -90,8 +100,9 @@ def test_a_list_variable_that_is_not_json_is_named(variable: str, value: str) ->
 @pytest.mark.parametrize(
     ("template", "said"),
     [
-        ("{prefix}/{job_id}/{batch_name}.{ext}", "must contain {batch_name} and {segment}"),
-        ("{prefix}/{job_id}/{segment}.{ext}", "must contain {batch_name} and {segment}"),
+        ("{prefix}/{job_id}/{batch_name}.{ext}", "must contain {job_id}, {batch_name} and {segment}"),
+        ("{prefix}/{job_id}/{segment}.{ext}", "must contain {job_id}, {batch_name} and {segment}"),
+        ("{prefix}/{job_name}/{date}/{batch_name}{segment}.{ext}", "must contain {job_id}, {batch_name} and {segment}"),
         ("{prefix}/{jobid}/{batch_name}{segment}.{ext}", "unknown fields ['jobid']"),
         ("{prefix}/{job_id/{batch_name}{segment}", "not a key template"),
     ],
@@ -103,3 +114,32 @@ def test_a_key_template_that_would_overwrite_or_not_render_stops_start_up(templa
     with pytest.raises(SettingsError) as err:
         load_settings()
     assert "AQUA_PIPELINE_S3__KEY_TEMPLATE" in str(err.value) and said in str(err.value)
+
+
+def test_an_empty_basic_password_stops_start_up() -> None:
+    """A secret template that rendered empty must not mean: anyone with an empty password is let in."""
+    os.environ["AQUA_PIPELINE_SECURITY__BASIC_USER"] = "zuora"
+    os.environ["AQUA_PIPELINE_SECURITY__BASIC_PASSWORD"] = ""
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "AQUA_PIPELINE_SECURITY__BASIC_PASSWORD: Value error, must not be empty" in str(err.value)
+
+
+@pytest.mark.parametrize("base_url", ["https://hooks.example.com", "http://10.0.0.7:8080"])
+def test_the_built_in_signing_key_is_refused_for_a_service_others_can_reach(base_url: str) -> None:
+    """The development key is in this source: whoever reads it could forge callback tokens."""
+    os.environ["AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL"] = base_url
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    said = str(err.value)
+    assert "AQUA_PIPELINE_SECURITY__SIGNING_KEYS: the built-in development key" in said
+    assert "AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL" in said
+    os.environ["AQUA_PIPELINE_SECURITY__SIGNING_KEYS"] = '["a-long-random-key-of-our-own-1c9e"]'
+    assert load_settings().http.public_base_url == base_url
+
+
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8080", "http://localhost:9000", "http://[::1]:8080"])
+def test_the_built_in_signing_key_serves_on_loopback(base_url: str) -> None:
+    """The demo, the simulator and the tests run on loopback with the defaults."""
+    os.environ["AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL"] = base_url
+    assert load_settings().security.uses_dev_key()

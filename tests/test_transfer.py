@@ -448,3 +448,40 @@ async def test_cancellation_aborts_the_upload(aws: AwsClients, bucket: str, capl
     assert calls.ops["AbortMultipartUpload"] == 1
     await assert_nothing_left(aws, bucket, "out/file.csv")
     assert "aborted multipart upload of s3://" in caplog.text
+
+
+def fail_upload_part(s3: Any, number: int, exc: BaseException) -> Counter[int]:
+    """Make UploadPart ``number`` raise ``exc`` before it is sent (botocore's ``before-call`` hook); returns the
+    count of UploadPart calls by part number."""
+    called: Counter[int] = Counter()
+
+    def before(params: dict[str, Any], **_: Any) -> None:
+        part = int(params["query_string"]["partNumber"])
+        called[part] += 1
+        if part == number:
+            raise exc
+
+    s3.meta.events.register("before-call.s3.UploadPart", before)
+    return called
+
+
+async def test_a_part_whose_upload_was_cancelled_is_never_completed_without(aws: AwsClients, bucket: str) -> None:
+    """A part task cancelled from outside leaves no ETag and no failure: the upload must not be completed
+    without it (S3 would accept the gap, and the object would be short of a part under a manifest that says
+    otherwise)."""
+    data = csv_data(rows_for(18 * MIB))  # four parts of 5 MiB
+    fail_upload_part(aws.s3, 2, asyncio.CancelledError())
+    with pytest.raises(StorageError, match=r"parts \[2\] were not uploaded"):
+        await S3Transfer(aws.s3, s3_settings()).store(source(data), spec(bucket))
+    await assert_nothing_left(aws, bucket, "out/file.csv")
+
+
+async def test_no_part_is_shipped_after_one_failed(aws: AwsClients, bucket: str) -> None:
+    """One part in flight: part 1 fails, and the writer it wakes sees that before it ships part 2."""
+    data = random.Random(8).randbytes(16 * MIB)
+    error = StorageError("S3 UploadPart failed: injected")
+    called = fail_upload_part(aws.s3, 1, error)
+    with pytest.raises(StorageError, match="injected"):
+        await S3Transfer(aws.s3, s3_settings(parts_in_flight=1)).store(source(data), spec(bucket, kind="zip"))
+    assert called == {1: 1}, called
+    await assert_nothing_left(aws, bucket, "out/file.csv")

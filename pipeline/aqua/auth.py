@@ -25,6 +25,15 @@ class _Token:
     refresh_at: float
 
 
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as it may go into a log line or an error message. aiohttp's ``ClientResponseError`` (a malformed
+    response, too many redirects) carries the request in its ``repr``, headers and all: the bearer token with
+    them. So it is told by status and message only."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__}(status={exc.status}, message={exc.message!r})"
+    return repr(exc)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds only; an HTTP date is ignored)."""
     if not value:
@@ -120,7 +129,7 @@ class TokenCache:
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AquaUnavailable(f"token request failed: {exc!r}") from exc
+            raise AquaUnavailable(f"token request failed: {describe_error(exc)}") from exc
 
         if status == 429:
             if retry_after:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from pipeline.aqua.auth import TokenCache, parse_retry_after
+from pipeline.aqua.auth import TokenCache, describe_error, parse_retry_after
 from pipeline.aqua.models import Job, SubmitRequest, is_aqua_id
 from pipeline.backoff import backoff_delay
 from pipeline.errors import (
@@ -268,7 +268,8 @@ class AquaClient:
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AquaUnavailable(
-                f"truncated download of file {file_id}: {received} of {expected or '?'} bytes, then {exc!r}",
+                f"truncated download of file {file_id}: {received} of {expected or '?'} bytes, "
+                f"then {describe_error(exc)}",
                 status=resp.status,
                 request_id=request_id,
             ) from exc
@@ -297,7 +298,7 @@ class AquaClient:
         try:
             raw = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AquaUnavailable(f"{op}: response cut short: {exc!r}", request_id=request_id) from exc
+            raise AquaUnavailable(f"{op}: response cut short: {describe_error(exc)}", request_id=request_id) from exc
         finally:
             resp.release()
         try:
@@ -406,7 +407,7 @@ class AquaClient:
                 method, url, data=data, headers=headers, timeout=self._timeout, auto_decompress=not download
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Attempt(AquaUnavailable(f"{op}: connection failed: {exc!r}")) from exc
+            raise _Attempt(AquaUnavailable(f"{op}: connection failed: {describe_error(exc)}")) from exc
         request_id = resp.headers.get("Zuora-Request-Id")
         log.debug(
             "aqua %s %s -> %d (request_id=%s, track_id=%s)",
