@@ -31,6 +31,23 @@ def _job_id(request: web.Request) -> str:
     return job_id
 
 
+_ERRORS = (AquaNotFound, AquaValidationError, JobDefinitionError, ValidationError, ValueError, PipelineError)
+"""What an admin route answers with an error body of its own (see :func:`error_of`)."""
+
+
+def error_of(exc: BaseException) -> tuple[int, str, str]:
+    """Status, code and message of the admin API's answer to one of :data:`_ERRORS`."""
+    if isinstance(exc, AquaNotFound):
+        return 404, "not_found", str(exc)
+    if isinstance(exc, AquaValidationError):
+        return 422, f"aqua_{exc.error_code or 'error'}", str(exc)
+    if isinstance(exc, JobDefinitionError | ValidationError | ValueError):
+        return 422, "invalid_request", str(exc)
+    if isinstance(exc, PipelineError):
+        return 503 if exc.retryable else 400, exc.reason, str(exc)
+    raise TypeError(f"not an admin API error: {exc!r}")
+
+
 def add_admin_routes(app: web.Application, settings: Settings) -> None:
     """Mount the admin API on ``app``."""
     from pipeline.app import COMPONENTS_KEY
@@ -50,14 +67,8 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
                 )
             try:
                 return await handler(request)
-            except AquaNotFound as exc:
-                return error_response(404, "not_found", str(exc))
-            except AquaValidationError as exc:
-                return error_response(422, f"aqua_{exc.error_code or 'error'}", str(exc))
-            except (JobDefinitionError, ValidationError, ValueError) as exc:
-                return error_response(422, "invalid_request", str(exc))
-            except PipelineError as exc:
-                return error_response(503 if exc.retryable else 400, exc.reason, str(exc))
+            except _ERRORS as exc:
+                return error_response(*error_of(exc))
 
         return wrapper
 
@@ -69,9 +80,17 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
             return error_response(400, "malformed_body", "body is not valid JSON")
         definitions = parse_job_definitions(data, source="request body")
         c = request.app[COMPONENTS_KEY]
-        out = []
-        for d in definitions:
-            s = await ops.submit(c, d)
+        out: list[dict[str, Any]] = []
+        for i, d in enumerate(definitions):
+            try:
+                s = await ops.submit(c, d)
+            except _ERRORS as exc:
+                if not out:
+                    raise
+                # some jobs exist already: say which, so that a retry sends only the rest
+                status, code, message = error_of(exc)
+                rest = [x.request.name for x in definitions[i:]]
+                return json_response(status, {"error": code, "message": message, "jobs": out, "not_submitted": rest})
             out.append({"job_id": s.job.id, "name": s.job.name, "status": s.job.status})
         return json_response(201, {"jobs": out})
 
@@ -133,7 +152,20 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "Error": {
                     "type": "object",
                     "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                    "properties": {
+                        "error": {"type": "string"},
+                        "message": {"type": "string"},
+                        "jobs": {
+                            "type": "array",
+                            "description": "POST /admin/jobs: the jobs submitted before the one that failed",
+                            "items": {"type": "object"},
+                        },
+                        "not_submitted": {
+                            "type": "array",
+                            "description": "POST /admin/jobs: the names of that job and of those after it",
+                            "items": {"type": "string"},
+                        },
+                    },
                 },
                 "JobDefinition": {
                     "type": "object",

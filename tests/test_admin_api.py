@@ -13,7 +13,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
+from pipeline import ops
 from pipeline.admin import openapi_document
+from pipeline.errors import AquaValidationError
 from pipeline.ledger import JobState
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer
@@ -122,3 +124,31 @@ async def test_operator_actions_on_the_data(moto_server: MotoServer) -> None:
             assert resp.status == 400
         async with http.post(base + "/jobs", json={"queries": []}) as resp:
             assert resp.status == 422
+
+
+async def test_a_batch_submit_that_fails_part_way_says_which_jobs_exist(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three definitions, AQuA refuses the second: the answer names the job already made and the two not
+    submitted, so the caller's retry does not submit the first again."""
+    real_submit = ops.submit
+    calls = 0
+
+    async def second_refused(c: Any, d: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise AquaValidationError("The number of concurrent jobs exceeds the limit", error_code="90028")
+        return await real_submit(c, d)
+
+    monkeypatch.setattr(ops, "submit", second_refused)
+    jobs = [{**JOB, "name": name} for name in ("first", "second", "third")]
+    async with running_stack(moto_server.url, tweak=with_admin, run_worker=False) as stack:
+        async with aiohttp.ClientSession(headers=AUTH) as http:
+            async with http.post(stack.service_url + "/admin/jobs", json=jobs) as resp:
+                body = await resp.json()
+                assert resp.status == 422, body
+        assert body["error"] == "aqua_90028"
+        assert [j["name"] for j in body["jobs"]] == ["first"] and body["jobs"][0]["job_id"]
+        assert body["not_submitted"] == ["second", "third"]
+        assert calls == 2
