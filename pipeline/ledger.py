@@ -3,12 +3,13 @@
 ::
 
     submitted ──► notified ──► transferring ──► stored ──► published
-        └────────────┴──────────────┴──────────────┴─────► failed
+        └────────────┴──────────────┴─────► failed
 
 A worker ``claim``s a job (an atomic lease) before touching it; every ``mark_*`` is conditional on the
 caller still owning the lease (``lease_owner`` matches — an expired lease that nobody re-claimed still
 counts) and on the transition being legal, and raises :class:`LeaseLost` otherwise. ``published`` is
-final; ``failed`` is final once its failure event id is recorded. Items expire (DynamoDB TTL on
+final; ``failed`` is final once its failure event id is recorded. A ``stored`` job never fails: its completion
+event may be out already, so it only ever moves on to ``published``. Items expire (DynamoDB TTL on
 ``expires_at``) ``retention_days`` after their last write. Session items (``session#{partner}#{project}``)
 serialise stateful AQuA sessions in the same table; submission items (``sub#{submission_id}``) bind a
 notifyUrl token to its job and hold a submit in flight (:mod:`pipeline.ledger_submissions`).
@@ -17,7 +18,7 @@ notifyUrl token to its job and hold a submit in flight (:mod:`pipeline.ledger_su
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pipeline.dynamo import ConditionFailed, Expr
 from pipeline.errors import LedgerError
 from pipeline.ledger_items import (
+    FAILABLE,
     KNOWN_FIELDS,
     RETRY,
     UNFINISHED,
@@ -42,6 +44,7 @@ from pipeline.sessions import SessionRecord
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FAILABLE",
     "RETRY",
     "UNFINISHED",
     "CallbackRecord",
@@ -117,12 +120,23 @@ class JobLedger(SubmissionLedger):
 
     # -- leases and transitions, used by the worker ----------------------------------------------------
 
-    def _claimable(self, e: Expr) -> str:
-        states = ", ".join(e.v(s.value) for s in UNFINISHED)
+    def _open(self, e: Expr, states: tuple[JobState, ...]) -> str:
+        """The job is in one of ``states``, or ``failed`` without its failure event published."""
+        listed = ", ".join(e.v(s.value) for s in states)
         return (
-            f"({e.n('state')} IN ({states}) OR "
+            f"({e.n('state')} IN ({listed}) OR "
             f"({e.n('state')} = {e.v(JobState.failed.value)} AND attribute_not_exists({e.n('event_id')})))"
         )
+
+    def _claimable(self, e: Expr) -> str:
+        return self._open(e, UNFINISHED)
+
+    def _failable(self, e: Expr) -> str:
+        return self._open(e, FAILABLE)
+
+    @staticmethod
+    def _stored(e: Expr) -> str:
+        return f"{e.n('state')} = {e.v(JobState.stored.value)}"
 
     async def claim(self, job_id: str, owner: str, lease_s: float) -> LedgerItem | None:
         """Take the lease on an unfinished job; None if it is unknown, done, or leased to someone else."""
@@ -147,18 +161,42 @@ class JobLedger(SubmissionLedger):
         return item
 
     async def extend_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
-        """Heartbeat: push ``lease_until`` to now + ``lease_s``; False if the lease is no longer ours."""
-        now = self._clock()
-        e = Expr()
-        cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {self._claimable(e)}"
+        """Heartbeat: push ``lease_until`` to now + ``lease_s``; False if the lease is no longer ours (another worker
+        took the job over, or it was released). A job that finished meanwhile counts as held: its final transition
+        dropped the lease, and nothing is left to stop."""
         try:
-            await self._update(
-                {"job_id": {"S": job_id}}, e, f"SET {e.sets({'lease_until': now + lease_s})}", condition=cond
-            )
-        except ConditionFailed:
+            await self._extend(job_id, owner, lease_s, self._claimable, returns_on_failure=True)
+        except ConditionFailed as exc:
+            if exc.item and LedgerItem.from_item(exc.item).done:
+                return True
             log.warning("job %s: lease of %s could not be extended", job_id, owner)
             return False
         return True
+
+    async def hold_for_event(self, job_id: str, owner: str, lease_s: float, *, failure: bool) -> bool:
+        """Before an event goes out: extend our lease, provided the job may still end that way (``stored`` for its
+        completion; for its failure, not ``stored`` yet: a stored job's completion event may be out). False if not."""
+        try:
+            await self._extend(job_id, owner, lease_s, self._failable if failure else self._stored)
+        except ConditionFailed:
+            log.warning("job %s: %s may not publish its %s", job_id, owner, "failure" if failure else "completion")
+            return False
+        return True
+
+    async def _extend(
+        self,
+        job_id: str,
+        owner: str,
+        lease_s: float,
+        state_cond: Callable[[Expr], str],
+        *,
+        returns_on_failure: bool = False,
+    ) -> None:
+        """Push the lease of ``owner`` to now + ``lease_s`` while ``state_cond`` holds; raises ConditionFailed."""
+        e = Expr()
+        cond = f"{e.n('lease_owner')} = {e.v(owner)} AND {state_cond(e)}"
+        update = f"SET {e.sets({'lease_until': self._clock() + lease_s})}"
+        await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns_on_failure=returns_on_failure)
 
     async def release(self, job_id: str, owner: str) -> None:
         """Hand the lease back (graceful shutdown); a no-op if it is not ours any more."""
@@ -220,9 +258,10 @@ class JobLedger(SubmissionLedger):
     async def mark_failed(
         self, job_id: str, owner: str, *, reason: str, message: str, event_id: str | None = None
     ) -> LedgerItem:
-        """→ failed (from any unfinished state, or failed without an event). Final once ``event_id`` is set."""
+        """→ failed (from submitted/notified/transferring, or failed without an event; never from ``stored``).
+        Final once ``event_id`` is set."""
         fields = {"error_reason": reason, "error_message": message[:2000], "event_id": event_id}
-        return await self._transition(job_id, owner, JobState.failed, (*UNFINISHED, JobState.failed), fields)
+        return await self._transition(job_id, owner, JobState.failed, (*FAILABLE, JobState.failed), fields)
 
     async def annotate(self, job_id: str, fields: Mapping[str, Any]) -> None:
         """Set extra attributes (e.g. stateful session details) on an existing job; they land in ``extra``."""

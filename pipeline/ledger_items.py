@@ -26,6 +26,9 @@ class JobState(StrEnum):
 
 
 UNFINISHED = (JobState.submitted, JobState.notified, JobState.transferring, JobState.stored)
+FAILABLE = (JobState.submitted, JobState.notified, JobState.transferring)
+"""The states a job may still fail from (besides ``failed`` without its event): not ``stored``, whose manifest is
+committed and whose completion event may be out already."""
 
 
 class LeaseLost(LedgerError):

@@ -4,6 +4,7 @@ ledger's conditional transitions make sure only one replica works on a job at a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -154,8 +155,7 @@ class JobProcessor:
         job_id = item.job_id
         if item.state == JobState.stored and item.manifest_key:
             log.info("resuming after a crash: manifest already stored, publishing")
-            manifest = await self.manifests.load(item.manifest_key)
-            return await self._publish(manifest, item.manifest_key, owner, lease_s)
+            return await self._complete(job_id, item.manifest_key, None, owner, lease_s)
         try:
             job = await self.aqua.get_job(job_id, track_id=track_id_var.get())
         except AquaNotFound as exc:
@@ -211,7 +211,7 @@ class JobProcessor:
         await self.ledger.mark_stored(
             job_id, owner, manifest_key=key, record_count=manifest.record_count, total_bytes=manifest.total_bytes
         )
-        return await self._publish(manifest, key, owner, lease_s)
+        return await self._complete(job_id, key, manifest, owner, lease_s)
 
     async def _store_batch(self, job: Job, batch: Batch, key_name: str, keys: set[str]) -> list[ManifestObject]:
         """Stream each of ``batch``'s files into S3; ``keys`` holds the job's keys so far (none is used twice)."""
@@ -324,9 +324,31 @@ class JobProcessor:
                 await self.ledger.record_session_completion(partner, project, job_id, start)
             await self.ledger.release_session(partner, project, job_id)
 
+    async def _complete(
+        self, job_id: str, key: str, manifest: Manifest | None, owner: str, lease_s: float
+    ) -> ProcessResult:
+        """Publish a ``stored`` job (``manifest`` None: load it from ``key``). Its completion event may be out
+        already, so it can no longer fail: any error but a lost lease leaves it ``stored`` and the message retried
+        (after the last attempt, the reconciler re-drives it), publishing again under the same event id."""
+        try:
+            if manifest is None:
+                manifest = await self.manifests.load(key)
+            return await self._publish(manifest, key, owner, lease_s)
+        except LeaseLost:
+            raise
+        except PipelineError as exc:
+            log.warning("stored job not published (%s); will retry", exc)
+            reason = exc.reason
+        except Exception:
+            log.exception("stored job not published: unexpected error; will retry")
+            reason = "internal_error"
+        with contextlib.suppress(PipelineError):  # else the lease runs out
+            await self.ledger.release(job_id, owner)
+        return ProcessResult(Outcome.RETRY, reason=reason)
+
     async def _publish(self, manifest: Manifest, key: str, owner: str, lease_s: float) -> ProcessResult:
         event = completed_event(manifest, source=self.events.source, manifest_bucket=self.s3.bucket, manifest_key=key)
-        if not await self.ledger.extend_lease(manifest.job_id, owner, lease_s):
+        if not await self.ledger.hold_for_event(manifest.job_id, owner, lease_s, failure=False):
             raise LeaseLost(f"job {manifest.job_id}: lease lost before publishing")
         await self._send(event)
         await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
@@ -349,8 +371,9 @@ class JobProcessor:
             partner=job.partner if job else None,
             project=job.project if job else None,
         )
-        if not await self.ledger.extend_lease(job_id, owner, lease_s):
-            raise LeaseLost(f"job {job_id}: lease lost before publishing its failure")
+        if not await self.ledger.hold_for_event(job_id, owner, lease_s, failure=True):
+            # lost the lease, or the job is stored (its completion event may be out): no failure event
+            raise LeaseLost(f"job {job_id}: lease lost, or job stored, before publishing its failure")
         await self._send(event)
         await self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id)
         if job is not None and is_stateful(job):

@@ -113,10 +113,13 @@ class Submitter:
         return job, notify_url
 
     async def _record(self, pending: PendingSubmission, request: SubmitRequest, job: Job) -> None:
-        """Bind the submission's token to the job AQuA made and record the job (state ``submitted``)."""
+        """Record the job AQuA made (state ``submitted``), then bind the submission's token to it.
+
+        In that order, so a crash between the two loses nothing: the job is in the ledger (the reconciler looks for
+        its callback) and the submission still pending (the reconciler sends it again and AQuA answers with the same
+        job); both writes are idempotent, so a second run finishes what the first began.
+        """
         assert job.id
-        if not await self.ledger.bind_submission(pending.submission_id, job.id):
-            raise LedgerError(f"submission {pending.submission_id[:8]} is bound to a job other than {job.id}")
         await self.ledger.record_submission(
             job.id,
             submission_id=pending.submission_id,
@@ -125,6 +128,8 @@ class Submitter:
             project=request.project,
             request=pending.request,
         )
+        if not await self.ledger.bind_submission(pending.submission_id, job.id):
+            raise LedgerError(f"submission {pending.submission_id[:8]} is bound to a job other than {job.id}")
 
     async def _abandon(self, submission_id: str, reason: str) -> None:
         try:

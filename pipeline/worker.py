@@ -11,7 +11,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.logs import bound
@@ -23,7 +24,7 @@ from pipeline.workqueue import ReceivedWork, WorkQueue
 
 log = logging.getLogger(__name__)
 
-ProcessFn = Callable[..., Awaitable[ProcessResult]]
+ProcessFn = Callable[..., Coroutine[Any, Any, ProcessResult]]
 
 MAX_WAIT_S = 24 * 3600
 """How long after its callback a job may keep waiting (busy lease, busy session, AQuA not done) without using up
@@ -148,24 +149,43 @@ class Worker:
         owner = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
         lease_s = float(self.settings.visibility_timeout_s)
         final = work.receive_count >= self.settings.max_receives
+        job = asyncio.create_task(
+            self.process(job_id, owner=owner, lease_s=lease_s, final_attempt=final), name=f"job-{job_id}"
+        )
         heartbeat = asyncio.create_task(self._heartbeat(work, job_id, owner, lease_s), name=f"heartbeat-{job_id}")
         try:
-            result = await self.process(job_id, owner=owner, lease_s=lease_s, final_attempt=final)
+            await asyncio.wait((job, heartbeat), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             log.warning("job %s interrupted; handing its message back", job_id)
-            await asyncio.shield(self._hand_back(work, job_id=job_id, owner=owner))
+            await asyncio.shield(self._abandon(work, job_id, owner, (job, heartbeat), delay_s=0))
             raise
+        if not job.done():
+            # The heartbeat ended: the lease went to another worker, or would lapse before it could be extended.
+            log.warning("job %s: lease lost; stopping its work and handing its message back", job_id)
+            delay = retry_delay_s(work.receive_count)
+            await asyncio.shield(self._abandon(work, job_id, owner, (job, heartbeat), delay_s=delay))
+            return
+        await _stop(heartbeat)
+        await self._settle_result(work, await self._result(job, job_id, owner))
+
+    async def _result(self, job: asyncio.Task[ProcessResult], job_id: str, owner: str) -> ProcessResult:
+        """What the finished ``job`` came to; an error it raised is retried, its lease dropped."""
+        try:
+            return job.result()
         except Exception:
             log.exception("job %s: unexpected error; message will be retried", job_id)
-            result = ProcessResult(Outcome.RETRY, reason="internal_error")
             if self.ledger_release is not None:
                 with contextlib.suppress(PipelineError):
                     await self.ledger_release(job_id, owner)
-        finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        await self._settle_result(work, result)
+            return ProcessResult(Outcome.RETRY, reason="internal_error")
+
+    async def _abandon(
+        self, work: ReceivedWork, job_id: str, owner: str, tasks: tuple[asyncio.Task[Any], ...], *, delay_s: int
+    ) -> None:
+        """Stop the job's work (its multipart upload is aborted) and its heartbeat, then hand the message back: the
+        heartbeat is gone first, so no visibility extension of its lands after the hand-back."""
+        await asyncio.gather(*(_stop(t) for t in tasks))
+        await self._hand_back(work, job_id=job_id, owner=owner, delay_s=delay_s)
 
     async def _settle_result(self, work: ReceivedWork, result: ProcessResult) -> None:
         o = result.outcome
@@ -213,23 +233,51 @@ class Worker:
             log.warning("could not settle work message: %s", exc)
 
     async def _heartbeat(self, work: ReceivedWork, job_id: str, owner: str, lease_s: float) -> None:
+        """Keep the message hidden and the job's lease alive while the job runs; return (the job's work is then
+        stopped) once the lease is lost to another worker, or could not be extended and would lapse before the
+        next beat. The two extensions run side by side, each within ``interval / 2``: an SQS call that hangs must
+        not let the lease lapse, and vice versa."""
         interval = max(1.0, lease_s / 3)
+        bound_s = interval / 2
+        expires = time.monotonic() + lease_s  # the job claims its lease just after this: a safe, early guess
+        beat = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            # The two are independent: an SQS outage must not let the ledger lease lapse, and vice versa.
-            try:
-                await self.queue.set_visibility(work.receipt_handle, int(lease_s))
-            except PipelineError as exc:
-                log.warning("heartbeat could not extend the message's visibility: %s", exc)
-            if self.lease_extender is not None:
-                try:
-                    await self.lease_extender(job_id, owner, lease_s)
-                except PipelineError as exc:
-                    log.warning("heartbeat could not extend the job's lease: %s", exc)
+            beat = max(beat + interval, time.monotonic())  # on schedule, however long the last beat took
+            await asyncio.sleep(beat - time.monotonic())
+            _, held = await asyncio.gather(
+                self._extend_visibility(work, lease_s, bound_s), self._extend_lease(job_id, owner, lease_s, bound_s)
+            )
+            if held is False:
+                log.warning("job %s: its lease is held by another worker now", job_id)
+                return
+            if held:
+                expires = beat + lease_s
+            elif beat + interval + bound_s >= expires:
+                log.warning("job %s: its lease could not be extended and would lapse before the next try", job_id)
+                return
 
-    async def _hand_back(self, work: ReceivedWork, *, job_id: str | None = None, owner: str | None = None) -> None:
-        """Make the message visible again now, and drop our lease, so another replica takes the job."""
-        await self._settle(self.queue.set_visibility(work.receipt_handle, 0))
+    async def _extend_visibility(self, work: ReceivedWork, lease_s: float, bound_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.queue.set_visibility(work.receipt_handle, int(lease_s)), bound_s)
+        except (PipelineError, TimeoutError) as exc:
+            log.warning("heartbeat could not extend the message's visibility: %r", exc)
+
+    async def _extend_lease(self, job_id: str, owner: str, lease_s: float, bound_s: float) -> bool | None:
+        """True: the lease is extended (or there is none to keep); False: it is another worker's; None: unknown."""
+        if self.lease_extender is None:
+            return True
+        try:
+            return await asyncio.wait_for(self.lease_extender(job_id, owner, lease_s), bound_s)
+        except (PipelineError, TimeoutError) as exc:
+            log.warning("heartbeat could not extend the job's lease: %r", exc)
+            return None
+
+    async def _hand_back(
+        self, work: ReceivedWork, *, job_id: str | None = None, owner: str | None = None, delay_s: int = 0
+    ) -> None:
+        """Make the message visible again (now, or after ``delay_s``), and drop our lease, so another replica (or
+        this one, later) takes the job."""
+        await self._settle(self.queue.set_visibility(work.receipt_handle, delay_s))
         if job_id and owner and self.ledger_release is not None:
             try:
                 await self.ledger_release(job_id, owner)
@@ -269,3 +317,17 @@ class Worker:
                 if stuck:
                     log.error("%d job(s) did not finish handing back; their messages reappear on timeout", len(stuck))
         log.info("worker stopped")
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has unwound; its cancellation (or a late error, logged) is not raised, a
+    cancellation of the caller is."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise
+    except Exception:
+        log.exception("%s ended with an error", task.get_name())

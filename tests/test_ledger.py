@@ -275,6 +275,39 @@ async def test_failed_is_final_only_once_its_event_is_recorded(ledger: JobLedger
     assert await ledger.claim(JOB, "w3", 30) is None
 
 
+async def test_a_stored_job_can_no_longer_fail(ledger: JobLedger) -> None:
+    """Its manifest is committed and its completion event may be out: it only ever moves on to published."""
+    await submitted(ledger)
+    await ledger.claim(JOB, "w1", 30)
+    assert await ledger.hold_for_event(JOB, "w1", 30, failure=True)  # transferring: may still fail
+    assert not await ledger.hold_for_event(JOB, "w1", 30, failure=False)  # nothing stored to publish yet
+    await ledger.mark_stored(JOB, "w1", manifest_key="k.json", record_count=3, total_bytes=30)
+    assert not await ledger.hold_for_event(JOB, "w1", 30, failure=True)
+    assert await ledger.hold_for_event(JOB, "w1", 30, failure=False)
+    assert not await ledger.hold_for_event(JOB, "w2", 30, failure=False)  # not w2's lease
+    with pytest.raises(LeaseLost, match="illegal transition stored -> failed"):
+        await ledger.mark_failed(JOB, "w1", reason="LedgerError", message="throttled", event_id="ev-f")
+    item = await ledger.get(JOB)
+    assert item is not None and (item.state, item.lease_owner, item.event_id) == (JobState.stored, "w1", None)
+    assert (await ledger.mark_published(JOB, "w1", event_id="ev")).done
+
+
+async def test_a_heartbeat_fails_only_for_a_lease_taken_over(ledger: JobLedger, clock: Clock) -> None:
+    """A job that finished meanwhile dropped its lease with its final transition: the heartbeat counts it as held
+    (nothing is left to stop); one another worker claimed is lost."""
+    await submitted(ledger)
+    await ledger.claim(JOB, "w1", 30)
+    await ledger.mark_stored(JOB, "w1", manifest_key="k", record_count=0, total_bytes=0)
+    await ledger.mark_published(JOB, "w1", event_id="ev")
+    assert await ledger.extend_lease(JOB, "w1", 30)
+    await submitted(ledger, "other")
+    await ledger.claim("other", "w1", 30)
+    clock.now += 31
+    assert await ledger.claim("other", "w2", 30)
+    assert not await ledger.extend_lease("other", "w1", 30)
+    assert await ledger.extend_lease("other", "w2", 30)
+
+
 async def test_find_unfinished_and_list_recent(ledger: JobLedger, clock: Clock) -> None:
     jobs = [f"job{i}" for i in range(5)]
     for j in jobs:

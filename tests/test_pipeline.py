@@ -15,7 +15,11 @@ import pytest
 
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig, file_digest
+from pipeline.errors import LedgerError
+from pipeline.events import event_id
 from pipeline.ledger import JobState
+from pipeline.models import EVENT_TYPE_COMPLETED
+from pipeline.processor import Outcome
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import Stack, running_stack
@@ -368,3 +372,43 @@ async def test_an_unexpected_error_is_retried_then_fails_the_job_and_frees_its_s
         monkeypatch.undo()
         result = await c.processor.process(second, owner="w3", lease_s=30, final_attempt=False)
         assert result.outcome.value == "published"  # the session the failed job held was taken over
+
+
+@pytest.mark.parametrize("failing", ["mark_published", "manifest_load"])
+async def test_a_stored_job_is_retried_never_failed(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Once its manifest is committed (``stored``) the completion event may be out, so an error on the last attempt
+    (DynamoDB throttling the final transition after the event went out; the manifest failing to load on a resume)
+    leaves the job stored and retried, never failed: a retry publishes it again under the same event id, and no
+    failure event follows the completion."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(request())).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+
+        async def throttled(*_: Any, **__: Any) -> Any:
+            raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+        async def unreadable(*_: Any, **__: Any) -> Any:
+            raise RuntimeError("a manifest no model accepts")
+
+        monkeypatch.setattr(c.ledger, "mark_published", throttled)
+        first = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=failing == "mark_published")
+        assert (first.outcome, first.reason) == (Outcome.RETRY, "LedgerError")
+        if failing == "manifest_load":  # a resume from stored, on the last attempt, after the event went out
+            monkeypatch.undo()
+            monkeypatch.setattr(c.manifests, "load", unreadable)
+            again = await c.processor.process(job_id, owner="w2", lease_s=30, final_attempt=True)
+            assert (again.outcome, again.reason) == (Outcome.RETRY, "internal_error")
+        item = await c.ledger.get(job_id)
+        assert item is not None and (item.state, item.lease_owner) == (JobState.stored, None)
+
+        monkeypatch.undo()
+        done = await c.processor.process(job_id, owner="w3", lease_s=30, final_attempt=True)
+        assert done.outcome is Outcome.PUBLISHED
+        item = await c.ledger.get(job_id)
+        assert item is not None and item.state is JobState.published
+        events = await stack.drain_events()
+        assert [(e["type"], e["id"]) for e in events] == [(EVENT_TYPE_COMPLETED, event_id(job_id, "completed"))] * 2

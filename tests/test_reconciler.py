@@ -12,9 +12,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import SecretStr
 
-from pipeline.aqua.models import Job
+from pipeline.aqua.models import Job, SubmitRequest
 from pipeline.aws import AwsClients
-from pipeline.errors import AquaUnavailable, AquaValidationError
+from pipeline.errors import AquaUnavailable, AquaValidationError, LedgerError
 from pipeline.ledger import JobLedger, JobState, PendingSubmission
 from pipeline.metrics import Metrics
 from pipeline.reconciler import Reconciler
@@ -188,3 +188,39 @@ async def test_two_reconcilers_do_not_both_send_a_pending_submission(parts: Any)
     await ledger.record_pending_submission(p)
     won = [await ledger.try_resume_submission(p.submission_id, owner, hold_s=60) for owner in ("r1", "r2")]
     assert won == [True, False]
+
+
+@pytest.mark.parametrize("failing", ["record_submission", "bind_submission"])
+async def test_a_submit_that_dies_recording_its_job_is_finished_by_the_reconciler(
+    parts: Any, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Recording the job AQuA made takes two writes (the job item, the submission's binding to it). Whichever of
+    them fails (DynamoDB errs, the submitter dies), the submission stays pending until the job is in the ledger: the
+    reconciler sends it again under its own key, AQuA answers with the same job, and the record is completed."""
+    clock, ledger, queue = parts
+    now = time.time()
+    clock.now = now - 60
+    aqua = Submits(Job.model_validate({"id": DONE, "status": "submitted"}))
+    signer = TokenSigner([SecretStr("k" * 32)], 3600)
+    submitter = Submitter(aqua=aqua, ledger=ledger, signer=signer, http=HttpSettings())  # type: ignore[arg-type]
+
+    async def throttled(*_: Any, **__: Any) -> Any:
+        raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+    monkeypatch.setattr(ledger, failing, throttled)
+    with pytest.raises(LedgerError):
+        await submitter.submit(SubmitRequest.model_validate(pending(now).request), idempotency_key="caller-key")
+    monkeypatch.undo()
+    clock.now = now
+    assert len(await ledger.find_pending_submissions(30)) == 1  # not bound: still the reconciler's to finish
+
+    settings = ReconcilerSettings(interval_s=60, callback_grace_s=600, stuck_after_s=600, submit_grace_s=30)
+    rec = Reconciler(ledger=ledger, aqua=Aqua(), queue=queue, settings=settings, metrics=Metrics(), submitter=submitter)  # type: ignore[arg-type]
+    await rec.run_once()
+    assert len(aqua.keys) == 2 and len(set(aqua.keys)) == 1  # sent again under its own Idempotency-Key
+    item = await ledger.get(DONE)
+    assert item is not None and (item.state, item.job_name) == (JobState.submitted, "n")
+    assert await ledger.find_pending_submissions(0) == []
+    assert item.submission_id is not None
+    bound = PendingSubmission(submission_id=item.submission_id, idempotency_key="caller-key", request={})
+    assert not await ledger.record_pending_submission(bound)  # bound to the job now: nothing written
