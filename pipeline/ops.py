@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,18 @@ class JobView:
             out["ledger"] = ledger_dict(self.ledger)
         if self.aqua is not None:
             out["aqua"] = self.aqua.model_dump(by_alias=True, exclude_none=True, mode="json")
+            if "notifyUrl" in out["aqua"]:
+                out["aqua"]["notifyUrl"] = redact_notify_url(out["aqua"]["notifyUrl"])
         return out
+
+
+def redact_notify_url(url: str) -> str:
+    """``url`` with the value of its ``token`` (and ``secret``) parameters hidden: a live callback token lets
+    whoever holds it call back for its job, and status output ends up in terminals, tickets and chat."""
+    return _SECRET_PARAM.sub(r"\1***", url)
+
+
+_SECRET_PARAM = re.compile(r"([?&](?:token|secret)=)[^&#]*", re.IGNORECASE)
 
 
 def ledger_dict(item: LedgerItem) -> dict[str, Any]:
