@@ -114,8 +114,8 @@ async def test_other_token_callbacks_take_the_general_path(moto_server: MotoServ
             status, body = await call(http, "GET", callback_url(stack, uuid.uuid4().hex, token))
             assert (status, body["error"]) == (403, "token_job_mismatch")
             # the submitter's write lands late; the job's next callback takes the fast path
-            await c.ledger.bind_submission(sid, racing)
             await c.ledger.record_submission(racing, submission_id=sid, job_name="late", partner=None, project=None)
+            await c.ledger.bind_submission(sid, racing)
             with dynamodb_calls(stack) as ops:
                 status, _ = await call(http, "GET", callback_url(stack, racing, token))
             assert status == 202 and ops == ["UpdateItem"]
@@ -135,8 +135,8 @@ async def test_concurrent_token_callbacks_share_ledger_transactions(moto_server:
         jobs: list[tuple[str, str]] = []
         for _ in range(30):  # recorded as the submitter records them
             job_id, sid = uuid.uuid4().hex, new_submission_id()
-            await c.ledger.bind_submission(sid, job_id)
             await c.ledger.record_submission(job_id, submission_id=sid, job_name="n", partner=None, project=None)
+            await c.ledger.bind_submission(sid, job_id)
             jobs.append((job_id, c.signer.issue(sid).token))
         async with aiohttp.ClientSession() as http:
             with dynamodb_calls(stack) as ops:

@@ -216,7 +216,7 @@ class DiesOnRecording:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ledger, name)
 
-    async def bind_submission(self, submission_id: str, job_id: str) -> bool:
+    async def record_submission(self, job_id: str, **_: Any) -> None:
         raise SubmitterDied(job_id)
 
 
