@@ -181,6 +181,7 @@ class Upload:
         self._buffers = _PartBuffers(keep=settings.parts_in_flight + 1)
         self._part: _Part | None = None
         self._upload_id: str | None = None
+        self._creating: asyncio.Future[str] | None = None
         self._next_part = 1
         self._parts: dict[int, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -252,6 +253,11 @@ class Upload:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._upload_id is None and self._creating is not None:
+            try:  # cancelled while S3 was making the upload: wait for its id (bounded by the client's timeouts)
+                self._upload_id = await self._creating
+            except Exception:
+                return  # no upload was made, or we cannot know its id: the stale-upload sweep and lifecycle rule
         if self._upload_id is None:
             return
         try:
@@ -279,11 +285,10 @@ class Upload:
 
     async def _ship(self, part: _Part) -> None:
         if self._upload_id is None:
-            with s3_errors("CreateMultipartUpload"):
-                resp = await self._s3.create_multipart_upload(
-                    Bucket=self._spec.bucket, Key=self._spec.key, ChecksumAlgorithm=self._algorithm, **self._args
-                )
-            self._upload_id = str(resp["UploadId"])
+            if self._creating is None:
+                self._creating = asyncio.ensure_future(self._create())
+            # shielded: if we are cancelled while S3 makes the upload, abort() still learns its id and aborts it
+            self._upload_id = await asyncio.shield(self._creating)
         await self._slots.acquire()
         try:
             self.raise_if_failed()
@@ -304,6 +309,13 @@ class Upload:
         if self._adaptive:
             growth = 2 ** ((self._next_part - 1) // GROWTH_EVERY)
             self._part_size = min(self._base_part_size * growth, MAX_PART_SIZE)
+
+    async def _create(self) -> str:
+        with s3_errors("CreateMultipartUpload"):
+            resp = await self._s3.create_multipart_upload(
+                Bucket=self._spec.bucket, Key=self._spec.key, ChecksumAlgorithm=self._algorithm, **self._args
+            )
+        return str(resp["UploadId"])
 
     async def _upload_part(self, number: int, part: _Part, checksum: str) -> None:
         size = part.size

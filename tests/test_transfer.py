@@ -485,3 +485,23 @@ async def test_no_part_is_shipped_after_one_failed(aws: AwsClients, bucket: str)
         await S3Transfer(aws.s3, s3_settings(parts_in_flight=1)).store(source(data), spec(bucket, kind="zip"))
     assert called == {1: 1}, called
     await assert_nothing_left(aws, bucket, "out/file.csv")
+
+
+async def test_cancelled_while_s3_makes_the_upload_leaves_no_upload(aws: AwsClients, bucket: str) -> None:
+    """Cancelled after S3 made the multipart upload but before its answer was read: the upload is still aborted
+    (its id was unknown, so it used to stay open until a lifecycle rule removed it)."""
+    made = asyncio.Event()
+
+    async def slow_answer(**_: Any) -> None:
+        made.set()
+        await asyncio.sleep(0.5)
+
+    aws.s3.meta.events.register("after-call.s3.CreateMultipartUpload", slow_answer)
+    data = random.Random(9).randbytes(6 * MIB)
+    task = asyncio.create_task(S3Transfer(aws.s3, s3_settings()).store(source(data), spec(bucket, kind="zip")))
+    await made.wait()
+    assert (await aws.s3.list_multipart_uploads(Bucket=bucket)).get("Uploads")  # S3 has made it
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await assert_nothing_left(aws, bucket, "out/file.csv")
