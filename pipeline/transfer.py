@@ -161,12 +161,11 @@ class S3Transfer:
         """
         aborted = 0
         try:
-            resp = await self._s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
-            for upload in resp.get("Uploads", []):
-                if upload.get("Key") != key:  # the prefix also matches longer keys
-                    continue
+            pages = self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key)
+            stale = [u["UploadId"] async for page in pages for u in page.get("Uploads", []) if u.get("Key") == key]
+            for upload_id in stale:  # (the prefix also matches longer keys: those are left alone)
                 try:
-                    await self._s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                    await self._s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
                 except ClientError as exc:
                     if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                         raise

@@ -505,3 +505,13 @@ async def test_cancelled_while_s3_makes_the_upload_leaves_no_upload(aws: AwsClie
     with pytest.raises(asyncio.CancelledError):
         await task
     await assert_nothing_left(aws, bucket, "out/file.csv")
+
+
+async def test_stale_uploads_of_exactly_the_key_are_aborted(aws: AwsClients, bucket: str) -> None:
+    """What a killed worker left under the key goes; an upload of a longer key with the same prefix stays."""
+    key = "out/file.csv"
+    for k in (key, key, key, key + ".gz"):
+        await aws.s3.create_multipart_upload(Bucket=bucket, Key=k)
+    assert await S3Transfer(aws.s3, s3_settings()).abort_stale_uploads(bucket, key) == 3
+    left = (await aws.s3.list_multipart_uploads(Bucket=bucket)).get("Uploads", [])
+    assert [u["Key"] for u in left] == [key + ".gz"]
