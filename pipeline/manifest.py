@@ -115,7 +115,8 @@ class ManifestStore:
             job_name=manifest.job_name,
             partner=manifest.partner,
             project=manifest.project,
-            date=manifest.created_at,
+            # the job's start date, as in object keys: the same on every attempt (not the attempt's own date)
+            date=manifest.start_time[:10] if manifest.start_time and len(manifest.start_time) >= 10 else "undated",
         )
 
     async def commit(self, manifest: Manifest) -> tuple[str, bool]:

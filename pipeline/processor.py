@@ -155,7 +155,7 @@ class JobProcessor:
         job_id = item.job_id
         if item.state == JobState.stored and item.manifest_key:
             log.info("resuming after a crash: manifest already stored, publishing")
-            return await self._complete(job_id, item.manifest_key, None, owner, lease_s)
+            return await self._complete(job_id, item.manifest_key, None, owner, lease_s, stored=True)
         try:
             job = await self.aqua.get_job(job_id, track_id=track_id_var.get())
         except AquaNotFound as exc:
@@ -207,11 +207,7 @@ class JobProcessor:
         key, created = await self.manifests.commit(manifest)
         if not created:
             log.info("manifest %s already committed by an earlier attempt; using it", key)
-            manifest = await self.manifests.load(key)
-        await self.ledger.mark_stored(
-            job_id, owner, manifest_key=key, record_count=manifest.record_count, total_bytes=manifest.total_bytes
-        )
-        return await self._complete(job_id, key, manifest, owner, lease_s)
+        return await self._complete(job_id, key, manifest if created else None, owner, lease_s, stored=False)
 
     async def _store_batch(self, job: Job, batch: Batch, key_name: str, keys: set[str]) -> list[ManifestObject]:
         """Stream each of ``batch``'s files into S3; ``keys`` holds the job's keys so far (none is used twice)."""
@@ -238,7 +234,7 @@ class JobProcessor:
                     date=job_date(job),
                     job_id=job.id or "",
                     batch_name=key_name,
-                    segment=f"-{index:05d}" if segmented else "",
+                    segment=index if segmented else None,
                     ext=file_extension(kind, store_gzip),
                 )
                 if key in keys:
@@ -325,14 +321,24 @@ class JobProcessor:
             await self.ledger.release_session(partner, project, job_id)
 
     async def _complete(
-        self, job_id: str, key: str, manifest: Manifest | None, owner: str, lease_s: float
+        self, job_id: str, key: str, manifest: Manifest | None, owner: str, lease_s: float, *, stored: bool
     ) -> ProcessResult:
-        """Publish a ``stored`` job (``manifest`` None: load it from ``key``). Its completion event may be out
-        already, so it can no longer fail: any error but a lost lease leaves it ``stored`` and the message retried
-        (after the last attempt, the reconciler re-drives it), publishing again under the same event id."""
+        """Mark the job ``stored`` (unless ``stored``) and publish it; ``manifest`` None: load it from ``key``.
+
+        Its manifest is committed, the commit marker readers wait for, and its completion event may be out
+        already, so it can no longer fail: any error but a lost lease leaves the job as it is and the message
+        retried (after the last attempt, the reconciler re-drives it), publishing again under the same event id."""
         try:
             if manifest is None:
                 manifest = await self.manifests.load(key)
+            if not stored:
+                await self.ledger.mark_stored(
+                    job_id,
+                    owner,
+                    manifest_key=key,
+                    record_count=manifest.record_count,
+                    total_bytes=manifest.total_bytes,
+                )
             return await self._publish(manifest, key, owner, lease_s)
         except LeaseLost:
             raise

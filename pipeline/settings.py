@@ -31,6 +31,8 @@ from pipeline.tokens import build_notify_url
 ENV_PREFIX = "AQUA_PIPELINE_"
 KEY_FIELDS = frozenset({"prefix", "partner", "project", "job_name", "date", "job_id", "batch_name", "segment", "ext"})
 """The fields an object key template may use."""
+MANIFEST_FIELDS = frozenset({"prefix", "partner", "project", "job_name", "date", "job_id"})
+"""The fields a manifest key template may use (``date``: the job's start date, as for objects)."""
 MIB = 1024 * 1024
 DEV_SIGNING_KEY = "dev-signing-key-change-me"
 """The default notifyUrl token key: for the demo, the simulator and tests on loopback. Anyone can read it here, so
@@ -103,18 +105,31 @@ class S3Settings(_Group):
     @field_validator("key_template")
     @classmethod
     def _key_fields(cls, value: str) -> str:
-        try:
-            used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"not a key template: {exc}") from None
-        unknown = used - KEY_FIELDS
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}; the fields are {' '.join(sorted(KEY_FIELDS))}")
+        used = _template_fields(value, KEY_FIELDS)
         if not {"job_id", "batch_name", "segment"} <= used:  # else one file would overwrite another
             raise ValueError(
                 "must contain {job_id}, {batch_name} and {segment}, which tell jobs and a job's files apart"
             )
         return value
+
+    @field_validator("manifest_template")
+    @classmethod
+    def _manifest_fields(cls, value: str) -> str:
+        if "job_id" not in _template_fields(value, MANIFEST_FIELDS):  # else jobs would share one manifest
+            raise ValueError("must contain {job_id}: each job has its own manifest")
+        return value
+
+
+def _template_fields(template: str, allowed: frozenset[str]) -> set[str]:
+    """The fields ``template`` uses; ``ValueError`` for a malformed template or a field not in ``allowed``."""
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"not a key template: {exc}") from None
+    unknown = used - allowed
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}; the fields are {' '.join(sorted(allowed))}")
+    return used
 
 
 class QueueSettings(_Group):

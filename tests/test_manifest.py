@@ -161,3 +161,11 @@ def test_key_names_keep_plain_names_and_split_the_ones_that_sanitise_alike() -> 
     assert names[2:] == ["Invoice", "A.B"]
     assert names[0].startswith("A B_") and names[1].startswith("A/B_") and names[0] != names[1]
     assert len({sanitize(n) for n in names}) == 4
+
+
+def test_the_manifest_key_date_is_the_jobs_start_date_on_every_attempt() -> None:
+    """A retry after midnight must find the manifest the first attempt committed, not write a second one."""
+    store = ManifestStore(None, "b", "{prefix}/{date}/{job_id}.json", prefix="aqua")
+    first = make_manifest().model_copy(update={"start_time": "2025-03-04T23:58:00+0000"})
+    later = first.model_copy(update={"created_at": datetime(2025, 3, 5, 0, 30, tzinfo=UTC)})
+    assert store.key_for(first) == store.key_for(later) == f"aqua/2025-03-04/{JOB}.json"

@@ -155,6 +155,8 @@ async def test_segments_of_a_stateful_full_load(moto_server: MotoServer, fmt: st
         assert item.state == JobState.published
         manifest = await stack.components.manifests.load(item.manifest_key)
         assert [o.segment for o in manifest.objects] == [1, 2, 3]
+        ext = "csv" if fmt == "csv" else "zip"
+        assert [o.key.rsplit("/", 1)[1] for o in manifest.objects] == [f"Account-0000{i}.{ext}" for i in (1, 2, 3)]
         assert manifest.record_count == 2500
         assert all(o.full for o in manifest.objects)
         if fmt == "csv":
@@ -372,6 +374,33 @@ async def test_an_unexpected_error_is_retried_then_fails_the_job_and_frees_its_s
         monkeypatch.undo()
         result = await c.processor.process(second, owner="w3", lease_s=30, final_attempt=False)
         assert result.outcome.value == "published"  # the session the failed job held was taken over
+
+
+async def test_a_job_whose_manifest_is_committed_is_retried_never_failed(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest readers wait for is in S3, then the ``stored`` transition fails on the last attempt: the job
+    is retried (it lands from the same manifest), never failed under a manifest that says it landed."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(request())).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+
+        async def throttled(*_: Any, **__: Any) -> Any:
+            raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+        monkeypatch.setattr(c.ledger, "mark_stored", throttled)
+        first = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=True)
+        assert (first.outcome, first.reason) == (Outcome.RETRY, "LedgerError")
+        item = await c.ledger.get(job_id)
+        assert item is not None and (item.state, item.lease_owner) == (JobState.transferring, None)
+        assert await stack.drain_events() == []
+        monkeypatch.undo()
+        done = await c.processor.process(job_id, owner="w2", lease_s=30, final_attempt=True)
+        assert done.outcome is Outcome.PUBLISHED
+        events = await stack.drain_events()
+        assert [e["type"] for e in events] == [EVENT_TYPE_COMPLETED]
 
 
 @pytest.mark.parametrize("failing", ["mark_published", "manifest_load"])

@@ -143,3 +143,17 @@ def test_the_built_in_signing_key_serves_on_loopback(base_url: str) -> None:
     """The demo, the simulator and the tests run on loopback with the defaults."""
     os.environ["AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL"] = base_url
     assert load_settings().security.uses_dev_key()
+
+
+@pytest.mark.parametrize(
+    ("template", "said"),
+    [
+        ("{prefix}/_manifests/{date}.json", "must contain {job_id}"),  # jobs would share (and misread) one manifest
+        ("{prefix}/{batch_name}/{job_id}.json", "unknown fields ['batch_name']"),  # a manifest has no batch
+    ],
+)
+def test_a_manifest_template_that_jobs_would_share_or_cannot_render_stops_start_up(template: str, said: str) -> None:
+    os.environ["AQUA_PIPELINE_S3__MANIFEST_TEMPLATE"] = template
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "AQUA_PIPELINE_S3__MANIFEST_TEMPLATE" in str(err.value) and said in str(err.value)
