@@ -179,7 +179,10 @@ def test_compute_is_conditional_and_data_plane_is_not() -> None:
 
 def test_alb_health_check_and_https_redirect() -> None:
     r = load_template()["Resources"]
-    assert r["TargetGroup"]["Properties"]["HealthCheckPath"] == "/healthz"
+    assert r["TargetGroup"]["Properties"]["HealthCheckPath"] == "/readyz"  # traffic only to a ready task
+    (container,) = r["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert "/healthz" in container["HealthCheck"]["Command"][-1]  # liveness: not killed for an AWS outage
+    assert container["LinuxParameters"]["InitProcessEnabled"] is True  # a second SIGTERM reaches the service
     assert r["HttpsListener"]["Properties"]["Certificates"] == [{"CertificateArn": {"Ref": "CertificateArn"}}]
     redirect = r["HttpListener"]["Properties"]["DefaultActions"][0]
     assert redirect["Type"] == "redirect"
@@ -194,6 +197,9 @@ def test_task_role_is_scoped_to_the_prefix() -> None:
     assert by_sid["ResultsUnderPrefix"]["Resource"] == {"Fn::Sub": "${ResultsBucket.Arn}/${ResultsPrefix}/*"}
     assert "s3:DeleteObject" not in by_sid["ResultsUnderPrefix"]["Action"]
     assert by_sid["CompletionEvents"]["Resource"] == {"Ref": "EventsTopic"}
+    # what the code calls: the stale-upload sweep lists uploads; the ledger gets, updates (transactions too), scans
+    assert "s3:ListBucketMultipartUploads" in by_sid["BucketProbe"]["Action"]
+    assert set(by_sid["JobLedger"]["Action"]) == {"dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Scan"}
     for s in by_sid.values():
         assert "*" not in str(s["Action"]), s["Sid"]
 
