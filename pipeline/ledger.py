@@ -281,6 +281,20 @@ class JobLedger(SubmissionLedger):
         e = Expr()
         return await self._elect(job_id, owner, hold_s, e, f"attribute_exists({e.n('state')})")
 
+    async def hold_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> None:
+        """Keep the reconciler election ``owner`` won for ``hold_s`` from now: after it re-drove the job, no
+        replica does so again before the work message has had its chance (a no-op if ``owner`` lost it)."""
+        e = Expr()
+        try:
+            await self._update(
+                {"job_id": {"S": job_id}},
+                e,
+                f"SET {e.sets({'reconcile_until': self._clock() + hold_s})}",
+                condition=f"{e.n('reconcile_owner')} = {e.v(owner)}",
+            )
+        except ConditionFailed:
+            pass
+
     async def reset_for_replay(self, job_id: str) -> LedgerItem:
         """Make a finished job workable again (state ``notified``, outcome cleared); refused while leased."""
         now = self._clock()

@@ -143,6 +143,7 @@ class Reconciler:
             log.info("callback never came; job is %s in AQuA: enqueueing", job.status if job else "unknown")
             await self.queue.send(WorkMessage(job_id=item.job_id, reason="reconcile"))
             self.metrics.reconciled.labels(why).inc()
+            await self._hold(item, self.settings.callback_grace_s)
             return 1
 
     async def _stuck(self, item: LedgerItem) -> int:
@@ -152,4 +153,14 @@ class Reconciler:
             log.warning("job stuck in %s; re-driving it", item.state)
             await self.queue.send(WorkMessage(job_id=item.job_id, reason="redrive"))
             self.metrics.reconciled.labels("stuck").inc()
+            await self._hold(item, self.settings.stuck_after_s)
             return 1
+
+    async def _hold(self, item: LedgerItem, hold_s: float) -> None:
+        """After a re-drive: leave the job alone for ``hold_s``. A job that waits on purpose (a busy stateful
+        session, a retry's backoff) keeps its state and age, and would otherwise get one more work message (and
+        one more AQuA read) every round. Best effort: a failure here costs at most that."""
+        try:
+            await self.ledger.hold_reconcile(item.job_id, self.owner, hold_s=max(hold_s, self.settings.interval_s * 2))
+        except PipelineError as exc:
+            log.warning("could not hold the re-driven job: %s", exc)

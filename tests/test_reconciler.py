@@ -224,3 +224,29 @@ async def test_a_submit_that_dies_recording_its_job_is_finished_by_the_reconcile
     assert item.submission_id is not None
     bound = PendingSubmission(submission_id=item.submission_id, idempotency_key="caller-key", request={})
     assert not await ledger.record_pending_submission(bound)  # bound to the job now: nothing written
+
+
+@pytest.mark.parametrize("state", ["notified", "stuck"])
+async def test_a_re_driven_job_that_keeps_waiting_is_not_sent_again_every_round(parts: Any, state: str) -> None:
+    """A job that waits on purpose (a busy stateful session) keeps its state and age: once re-driven, it gets no
+    further work message (nor AQuA read) until its grace has passed again, not one every election window."""
+    clock, ledger, queue = parts
+    await ledger.record_submission(DONE, submission_id="s-c", job_name="n", partner=None, project=None, request={})
+    await ledger.record_callback(DONE, status="Completed", notification_id=None)  # notified, no lease
+    if state == "stuck":
+        await ledger.claim(DONE, "w1", lease_s=1)
+        await ledger.mark_transferring(DONE, "w1")  # its worker died: leased until a second from now
+    clock.now = time.time()
+    aqua = Aqua()
+    settings = ReconcilerSettings(interval_s=1, callback_grace_s=30, stuck_after_s=60)
+    rec = Reconciler(ledger=ledger, aqua=aqua, queue=queue, settings=settings, metrics=Metrics())  # type: ignore[arg-type]
+    clock.now += 120  # the job is past its grace (stuck: past stuck_after_s too), for the reconciler's clock
+    rounds = []
+    for _ in range(3):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(time, "time", lambda: clock.now)
+            rounds.append(await rec.run_once())
+        clock.now += 5  # past the election window (2 x interval), well within the grace
+    assert rounds == [1, 0, 0]
+    got = await queue.receive(10, wait_time_s=0, visibility_s=30)
+    assert [w.message.job_id for w in got if w.message] == [DONE]
