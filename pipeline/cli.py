@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,15 +65,32 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     definitions = load_job_definitions(Path(args.file))
 
     async def run(c: Components) -> int:
+        # every job is submitted first (AQuA runs them side by side), each id on stdout as it comes; then, with
+        # --wait, each is followed in turn within one deadline for them all
+        job_ids: list[str] = []
         rc = 0
-        for d in definitions:
-            s = await ops.submit(c, d)
+        for i, d in enumerate(definitions):
+            try:
+                s = await ops.submit(c, d)
+            except PipelineError as exc:
+                if not job_ids:
+                    raise
+                rest = ", ".join(x.request.name or "(unnamed)" for x in definitions[i + 1 :]) or "none"
+                print(
+                    f"aqua-pipeline: job {d.request.name or '(unnamed)'} was not submitted: {exc}\n"
+                    f"  submitted before it: {len(job_ids)} (ids above); not submitted after it: {rest}",
+                    file=sys.stderr,
+                )
+                rc = 1
+                break
             print(f"submitted {s.job.id} ({d.request.name})", file=sys.stderr)
-            if args.wait:
-                ok = await watch_job(c, s.job.id or "", timeout_s=args.timeout)
+            print(s.job.id, flush=True)
+            job_ids.append(s.job.id or "")
+        if args.wait:
+            deadline = time.monotonic() + args.timeout
+            for job_id in job_ids:
+                ok = await watch_job(c, job_id, timeout_s=max(0.0, deadline - time.monotonic()))
                 rc = rc or (0 if ok else 1)
-            else:
-                print(s.job.id)
         return rc
 
     return asyncio.run(_with_components(settings, run))
@@ -159,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="run the whole pipeline end to end on embedded defaults")
-    p.add_argument("--records", type=int, default=20000, help="rows in the sample Account export")
+    p.add_argument("--records", type=_positive(int), default=20000, help="rows in the sample Account export")
     p.add_argument("--keep-running", action="store_true", help="leave everything up until Ctrl-C")
     p.add_argument("--verbose", action="store_true", help="show the service's own log lines too")
     p.set_defaults(func=_cmd_demo)
@@ -173,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit AQuA jobs from a YAML or JSON job definition file")
     p.add_argument("file", help="job definition file (.yaml, .yml or .json)")
     p.add_argument("--wait", action="store_true", help="show progress until each job has landed")
-    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --wait")
+    p.add_argument(
+        "--timeout", type=_positive(float), default=6 * 3600, help="seconds to wait with --wait, for all the jobs"
+    )
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("status", help="show a job's ledger state and AQuA status")
@@ -181,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("jobs", help="list recent jobs with state, bytes, duration and error")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_positive(int), default=50, help="how many jobs, newest first (default 50)")
     p.set_defaults(func=_cmd_jobs)
 
     p = sub.add_parser("replay", help="re-run a job's transfer and event (idempotent)")
@@ -196,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     return parser
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` above 0 (argparse names the option when it is not)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

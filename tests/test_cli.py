@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -208,3 +209,25 @@ async def test_start_up_problems_are_one_clear_line(
         _, err = capsys.readouterr()
         (line,) = errors(err)
         assert line.startswith(f"aqua-pipeline: AWS at {dead}: "), line
+
+
+async def test_submit_says_which_jobs_were_not_submitted(
+    moto_server: MotoServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AQuA refuses the second of three jobs (its concurrent-job limit): the first's id is on stdout, and the
+    error names the refused job and the one after it, so a re-run can leave the first out."""
+    from pipeline.aqua.simulator import SimulatorConfig
+
+    query = [{"name": "Account", "type": "zoqlexport", "query": "select Id from Account"}]
+    jobs = [{"name": n, "version": "1.0", "format": "csv", "queries": query} for n in ("one", "two", "three")]
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps({"jobs": jobs}))
+    async with running_stack(
+        moto_server.url, sim_config=SimulatorConfig(step_delay_s=5.0, max_concurrent_jobs=1)
+    ) as stack:
+        use(stack.settings)
+        assert await cli("submit", str(path)) == 1
+        out, err = capsys.readouterr()
+        assert re.fullmatch(r"[0-9a-f]{32}", out.strip()), out
+        assert "job two was not submitted" in err and "not submitted after it: three" in err, err
+        assert list(stack.sim.jobs) == [out.strip()]
