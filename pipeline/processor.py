@@ -359,7 +359,10 @@ class JobProcessor:
         await self._send(event)
         await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
         if manifest.stateful:
-            await self._end_session(manifest.job_id, manifest.partner, manifest.project, manifest.start_time)
+            try:
+                await self._end_session(manifest.job_id, manifest.partner, manifest.project, manifest.start_time)
+            except PipelineError as exc:  # the job is published all the same; the next job takes the session over
+                log.warning("published, but the stateful session could not be closed: %s", exc)
         self.metrics.jobs.labels("published").inc()
         log.info("job published: %d objects, %d records", len(manifest.objects), manifest.record_count)
         return ProcessResult(Outcome.PUBLISHED)

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
@@ -106,3 +107,32 @@ async def test_session_held_by_a_finished_job_is_taken_over(moto_server: MotoSer
         submitted = await stack.submit(stateful("proj-b"))
         item = await stack.wait_final(submitted.job.id or "", timeout_s=30)
         assert item.state == JobState.published
+
+
+async def test_a_session_that_cannot_be_closed_does_not_unpublish_the_job(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The event is out and the ledger says published when closing the session fails: the job is published (not
+    retried as if it were not), and the next job of the session takes the session over."""
+    from pipeline.errors import LedgerError
+    from pipeline.processor import Outcome
+
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(stateful("proj-c"))).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+
+        async def throttled(*_: Any, **__: Any) -> None:
+            raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+        monkeypatch.setattr(c.ledger, "release_session", throttled)
+        result = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=False)
+        assert result.outcome is Outcome.PUBLISHED
+        monkeypatch.undo()
+        second = (await stack.submit(stateful("proj-c"))).job.id or ""
+        await c.aqua.wait_for_job(second, poll_interval_s=0.02, timeout_s=20)
+        assert (
+            await c.processor.process(second, owner="w2", lease_s=30, final_attempt=False)
+        ).outcome is Outcome.PUBLISHED
+        assert len(await stack.drain_events()) == 2
