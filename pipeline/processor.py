@@ -132,7 +132,9 @@ class JobProcessor:
                         wait = getattr(exc, "retry_after", None)
                         return ProcessResult(Outcome.RETRY, reason=exc.reason, retry_after_s=wait)
                     log.error("job failed: %s", exc)
-                    await self._fail(job_id, owner, reason=exc.reason, message=str(exc), job=None, lease_s=lease_s)
+                    await self._fail(
+                        job_id, owner, reason=exc.reason, message=str(exc), job=None, lease_s=lease_s, item=claimed
+                    )
                     outcome = Outcome.FAILED_FINAL if exc.retryable else Outcome.FAILED
                     return ProcessResult(outcome, reason=exc.reason)
                 except Exception as exc:
@@ -144,7 +146,9 @@ class JobProcessor:
                         await self.ledger.release(job_id, owner)
                         return ProcessResult(Outcome.RETRY, reason="internal_error")
                     message = f"unexpected error: {type(exc).__name__}: {str(exc)[:300]}"
-                    await self._fail(job_id, owner, reason="internal_error", message=message, job=None, lease_s=lease_s)
+                    await self._fail(
+                        job_id, owner, reason="internal_error", message=message, job=None, lease_s=lease_s, item=claimed
+                    )
                     return ProcessResult(Outcome.FAILED_FINAL, reason="internal_error")
             except LeaseLost as exc:
                 # Another worker owns the job now (our lease expired): it finishes the job; we publish nothing.
@@ -368,17 +372,27 @@ class JobProcessor:
         return ProcessResult(Outcome.PUBLISHED)
 
     async def _fail(
-        self, job_id: str, owner: str, *, reason: str, message: str, job: Job | None, lease_s: float
+        self,
+        job_id: str,
+        owner: str,
+        *,
+        reason: str,
+        message: str,
+        job: Job | None,
+        lease_s: float,
+        item: LedgerItem | None = None,
     ) -> None:
+        """Publish the job's failure event and mark it failed. Without AQuA's ``job`` (a failure raised part way),
+        its name, partner and project come from the ledger ``item``, so subscribers that filter on them see it."""
         event = failed_event(
             job_id,
             source=self.events.source,
             reason=reason,
             message=message,
             aqua_status=job.status if job else None,
-            job_name=job.name if job else None,
-            partner=job.partner if job else None,
-            project=job.project if job else None,
+            job_name=job.name if job else item.job_name if item else None,
+            partner=job.partner if job else item.partner if item else None,
+            project=job.project if job else item.project if item else None,
         )
         if not await self.ledger.hold_for_event(job_id, owner, lease_s, failure=True):
             # lost the lease, or the job is stored (its completion event may be out): no failure event

@@ -265,6 +265,7 @@ async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_
         assert not uploads.get("Uploads")
         events = await stack.drain_events()
         assert [e["type"] for e in events] == ["com.zuora.aqua.export.failed"]
+        assert events[0]["data"]["job_name"] == "e2e"  # from the ledger: subscribers filtering on it see failures
 
 
 async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:
