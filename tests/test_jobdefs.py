@@ -204,6 +204,17 @@ def test_all_problems_collected_with_file_job_and_line(tmp_path: Path) -> None:
         ({"idempotencyKey": "has space"}, "idempotencyKey: must be"),
         ({"idempotencyKey": "k" * 256}, "idempotencyKey: must be"),
         ({"useQueryLabels": True, "use_query_labels": False}, "given twice"),
+        ({"sourceData": "SANDBOX"}, "sourceData must be LIVE"),  # REFERENCE.md §3.1: LIVE only
+        ({"version": True}, "version must be one of"),  # not read as 1.0
+        (  # object names are case-insensitive: processedusage is ProcessedUsage, which has no deleted rows
+            {
+                "version": "1.1",
+                "partner": "p",
+                "project": "q",
+                "queries": [{**ACCOUNT_QUERY, "query": "select Id from processedusage", "deleted": {"column": "D"}}],
+            },
+            "(AQuA error 90017)",
+        ),
     ],
 )
 def test_single_problem(changes: dict[str, Any], expected: str) -> None:

@@ -48,7 +48,7 @@ def _loose_int(v: Any) -> Any:
 
 
 def _version_str(v: Any) -> Any:
-    if isinstance(v, int | float):
+    if isinstance(v, int | float) and not isinstance(v, bool):  # true is not version 1.0
         return f"{float(v):.1f}"
     return v
 

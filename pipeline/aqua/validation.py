@@ -256,6 +256,9 @@ def as_bool(v: Any) -> bool:
     return bool(v)
 
 
+_NO_DELETED_LOWER = frozenset(o.lower() for o in DOES_NOT_SUPPORT_DELETED)
+
+
 def normalise_version(v: Any) -> str | None:
     if isinstance(v, bool):
         return None
@@ -294,6 +297,9 @@ def validate_submit(
     fmt = body.get("format", "csv")
     if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
         errors.append((INVALID_REQUEST, "format must be one of csv, zip, gzip"))
+    source = body.get("sourceData")
+    if source is not None and (not isinstance(source, str) or source.upper() != "LIVE"):
+        errors.append((INVALID_REQUEST, "sourceData must be LIVE"))
     encrypted = body.get("encrypted")
     if encrypted is not None and (not isinstance(encrypted, str) or encrypted.lower() not in ("none", "pgp")):
         errors.append((INVALID_REQUEST, "encrypted must be none or pgp"))
@@ -358,7 +364,7 @@ def _validate_query(
             errors.append((INVALID_REQUEST, "deleted needs a column name"))
         elif deleted.get("format", "Boolean") not in ("Boolean", "Numeric"):
             errors.append((INVALID_REQUEST, "deleted.format must be Boolean or Numeric"))
-        if m and m["obj"] in DOES_NOT_SUPPORT_DELETED:
+        if m and m["obj"].lower() in _NO_DELETED_LOWER:  # object names are case-insensitive in ZOQL
             errors.append(("90017", DELETED_UNSUPPORTED_MESSAGE))
         elif not stateful and not (isinstance(deleted, Mapping) and as_bool(deleted.get("forceExport"))):
             errors.append(("90012", "Stateless AQuA does not support deleted columns; set forceExport"))
