@@ -3,11 +3,14 @@ that says which job holds the session and which job completed it last."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from pipeline.dynamo import ConditionFailed, DynamoTable, Expr, decode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ class SessionLedger(DynamoTable):
     async def record_session_completion(
         self, partner: str, project: str, job_id: str, transaction_start: str | None
     ) -> None:
-        """Remember the session's last completed job and its transaction start (does not release it)."""
+        """Remember the session's last completed job and its transaction start (does not release it). A job that
+        started before the one recorded (its callback was lost, and the reconciler landed it later) does not move
+        the record back: it keeps the newest transaction start."""
         e = Expr()
         values = {
             "kind": "session",
@@ -69,7 +74,19 @@ class SessionLedger(DynamoTable):
             "last_transaction_start": transaction_start,
             "last_completed_at": self._clock(),
         }
-        await self._update(self._session_key(partner, project), e, f"SET {e.sets(values)}")
+        cond = None
+        if transaction_start is not None:  # AQuA's "YYYY-MM-DD HH:MM:SS" sorts as text
+            last = e.n("last_transaction_start")
+            cond = f"attribute_not_exists({last}) OR {last} <= {e.v(transaction_start)}"
+        try:
+            await self._update(self._session_key(partner, project), e, f"SET {e.sets(values)}", condition=cond)
+        except ConditionFailed:
+            log.warning(
+                "session %s/%s: job %s started before the session's last recorded job; the record keeps that one",
+                partner,
+                project,
+                job_id,
+            )
 
     async def get_session(self, partner: str, project: str) -> SessionRecord | None:
         """The session record, or None if never used."""

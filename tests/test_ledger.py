@@ -405,3 +405,15 @@ def test_expression_values_share_one_placeholder_per_value() -> None:
         text: {"S": "notified"},
         e.v({"a", "b"}): {"SS": ["a", "b"]},
     }
+
+
+async def test_a_session_record_never_moves_back_to_an_older_job(ledger: JobLedger) -> None:
+    """J1's callback was lost and the reconciler landed it after J2: the session keeps J2 as its last job."""
+    await ledger.record_session_completion("p", "q", "job2", "2025-03-02 02:00:04")
+    await ledger.record_session_completion("p", "q", "job1", "2025-03-01 02:00:04")
+    session = await ledger.get_session("p", "q")
+    assert session is not None
+    assert (session.last_job_id, session.last_transaction_start) == ("job2", "2025-03-02 02:00:04")
+    await ledger.record_session_completion("p", "q", "job3", "2025-03-03 02:00:04")
+    session = await ledger.get_session("p", "q")
+    assert session is not None and session.last_job_id == "job3"
