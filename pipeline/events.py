@@ -67,6 +67,7 @@ def completed_event(
         aqua_status=manifest.status,
         partner=manifest.partner,
         project=manifest.project,
+        start_time=manifest.start_time,
         manifest_bucket=manifest_bucket,
         manifest_key=manifest_key,
         record_count=manifest.record_count,

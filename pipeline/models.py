@@ -99,6 +99,9 @@ class CompletionData(_Out):
     message: str | None = None
     partner: str | None = None
     project: str | None = None
+    start_time: str | None = None
+    """AQuA's start time of the job (completion events): the order of a stateful session's loads, which the
+    order events arrive in need not be (a job whose callback was lost lands later)."""
     manifest_bucket: str | None = None
     manifest_key: str | None = None
     record_count: int = 0
