@@ -56,7 +56,6 @@ class SubmissionLedger(CallbackLedger):
         e = Expr()
         fields: dict[str, Any] = {
             "kind": "submission",
-            "pending_since": pending.pending_since or now,
             "idempotency_key": pending.idempotency_key,
             "pending_request": orjson.dumps(pending.request).decode(),
             "expires_at": self._expires(now),
@@ -67,7 +66,9 @@ class SubmissionLedger(CallbackLedger):
             await self._update(
                 self._sub_key(pending.submission_id),
                 e,
-                f"SET {e.sets(fields)} REMOVE {e.n('abandoned')}",
+                # pending_since is the key's first use: AQuA's 24-hour key window does not restart with a retry
+                f"SET {e.sets(fields)}, {e.n('pending_since')} = if_not_exists({e.n('pending_since')}, "
+                f"{e.v(pending.pending_since or now)}) REMOVE {e.n('abandoned')}",
                 condition=f"attribute_not_exists({e.n('bound_job')})",
             )
         except ConditionFailed:

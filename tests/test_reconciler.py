@@ -250,3 +250,14 @@ async def test_a_re_driven_job_that_keeps_waiting_is_not_sent_again_every_round(
     assert rounds == [1, 0, 0]
     got = await queue.receive(10, wait_time_s=0, visibility_s=30)
     assert [w.message.job_id for w in got if w.message] == [DONE]
+
+
+async def test_a_retried_submit_keeps_the_time_its_key_was_first_used(parts: Any) -> None:
+    """AQuA's 24-hour Idempotency-Key window starts at the key's first use: a caller's retry with the same key
+    does not make the reconciler think the key is younger than it is (and send it past the window)."""
+    _, ledger, _ = parts
+    first = time.time() - 20 * 3600
+    assert await ledger.record_pending_submission(pending(first))
+    assert await ledger.record_pending_submission(pending(time.time()))  # the caller retries, 20 h later
+    (found,) = await ledger.find_pending_submissions(1)
+    assert found.pending_since == pytest.approx(first)
