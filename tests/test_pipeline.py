@@ -377,20 +377,27 @@ async def test_an_unexpected_error_is_retried_then_fails_the_job_and_frees_its_s
         assert result.outcome.value == "published"  # the session the failed job held was taken over
 
 
+async def finished_quietly(stack: Stack) -> str:
+    """A job submitted and finished by AQuA, its callback lost: the test runs the processor itself."""
+    stack.sim.faults.lose_callbacks = True
+    job_id = (await stack.submit(request())).job.id or ""
+    await stack.components.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
+    return job_id
+
+
+async def throttled(*_: Any, **__: Any) -> Any:
+    """A ledger write DynamoDB throttled past botocore's retries."""
+    raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+
+
 async def test_a_job_whose_manifest_is_committed_is_retried_never_failed(
     moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The manifest readers wait for is in S3, then the ``stored`` transition fails on the last attempt: the job
     is retried (it lands from the same manifest), never failed under a manifest that says it landed."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        job_id = (await stack.submit(request())).job.id or ""
-        await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
-
-        async def throttled(*_: Any, **__: Any) -> Any:
-            raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
-
+        job_id = await finished_quietly(stack)
         monkeypatch.setattr(c.ledger, "mark_stored", throttled)
         first = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=True)
         assert (first.outcome, first.reason) == (Outcome.RETRY, "LedgerError")
@@ -413,13 +420,8 @@ async def test_a_stored_job_is_retried_never_failed(
     leaves the job stored and retried, never failed: a retry publishes it again under the same event id, and no
     failure event follows the completion."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        job_id = (await stack.submit(request())).job.id or ""
-        await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=20)
-
-        async def throttled(*_: Any, **__: Any) -> Any:
-            raise LedgerError("dynamodb update_item failed: ProvisionedThroughputExceededException")
+        job_id = await finished_quietly(stack)
 
         async def unreadable(*_: Any, **__: Any) -> Any:
             raise RuntimeError("a manifest no model accepts")
