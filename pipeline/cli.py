@@ -31,7 +31,10 @@ def _cmd_simulator(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.demo import run_demo
 
-    rc: int = asyncio.run(run_demo(args))
+    try:
+        rc: int = asyncio.run(run_demo(args))
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 128 + 15
     return rc
 
 

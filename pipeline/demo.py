@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 
 import orjson
 
@@ -49,6 +50,9 @@ def sample_request(name: str = "demo-nightly") -> SubmitRequest:
 async def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code."""
     records: int = getattr(args, "records", 20000)
+    main = asyncio.current_task()
+    if main is not None:  # SIGTERM (a `timeout`, a container stop) ends the demo as Ctrl-C does: cleaned up
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     _say("1/5 starting the moto server (emulated S3, SQS, SNS, DynamoDB) ...")
     moto = await asyncio.to_thread(start_moto)
     try:
@@ -77,7 +81,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 _say("Everything is still running; Ctrl-C to stop.")
                 await asyncio.Event().wait()
     finally:
-        await asyncio.to_thread(moto.stop)
+        await asyncio.shield(asyncio.to_thread(moto.stop))
     return 0
 
 
