@@ -81,17 +81,14 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
         definitions = parse_job_definitions(data, source="request body")
         c = request.app[COMPONENTS_KEY]
         out: list[dict[str, Any]] = []
-        for i, d in enumerate(definitions):
-            try:
-                s = await ops.submit(c, d)
-            except _ERRORS as exc:
-                if not out:
-                    raise
-                # some jobs exist already: say which, so that a retry sends only the rest
-                status, code, message = error_of(exc)
-                rest = [x.request.name for x in definitions[i:]]
-                return json_response(status, {"error": code, "message": message, "jobs": out, "not_submitted": rest})
-            out.append({"job_id": s.job.id, "name": s.job.name, "status": s.job.status})
+        try:
+            async for s in ops.submit_each(c, definitions):
+                out.append({"job_id": s.job.id, "name": s.job.name, "status": s.job.status})
+        except ops.PartlySubmitted as partly:
+            # some jobs exist already: say which, so that a retry sends only the rest
+            status, code, message = error_of(partly.cause)
+            answer = {"error": code, "message": message, "jobs": out, "not_submitted": partly.not_submitted}
+            return json_response(status, answer)
         return json_response(201, {"jobs": out})
 
     async def list_jobs(request: web.Request) -> web.Response:

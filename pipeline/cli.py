@@ -72,23 +72,20 @@ def _cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         # --wait, each is followed in turn within one deadline for them all
         job_ids: list[str] = []
         rc = 0
-        for i, d in enumerate(definitions):
-            try:
-                s = await ops.submit(c, d)
-            except PipelineError as exc:
-                if not job_ids:
-                    raise
-                rest = ", ".join(x.request.name or "(unnamed)" for x in definitions[i + 1 :]) or "none"
-                print(
-                    f"aqua-pipeline: job {d.request.name or '(unnamed)'} was not submitted: {exc}\n"
-                    f"  submitted before it: {len(job_ids)} (ids above); not submitted after it: {rest}",
-                    file=sys.stderr,
-                )
-                rc = 1
-                break
-            print(f"submitted {s.job.id} ({d.request.name})", file=sys.stderr)
-            print(s.job.id, flush=True)
-            job_ids.append(s.job.id or "")
+        try:
+            async for s in ops.submit_each(c, definitions):
+                print(f"submitted {s.job.id} ({s.job.name})", file=sys.stderr)
+                print(s.job.id, flush=True)
+                job_ids.append(s.job.id or "")
+        except ops.PartlySubmitted as partly:
+            refused, *rest = partly.not_submitted
+            after = ", ".join(rest) or "none"
+            print(
+                f"aqua-pipeline: job {refused} was not submitted: {partly.cause}\n"
+                f"  submitted before it: {len(job_ids)} (ids above); not submitted after it: {after}",
+                file=sys.stderr,
+            )
+            rc = 1
         if args.wait:
             deadline = time.monotonic() + args.timeout
             for job_id in job_ids:

@@ -143,6 +143,14 @@ class DynamoTable:
             kw["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         return await self._call("update_item", **kw)
 
+    async def _update_if(self, key: Mapping[str, Any], e: Expr, update: str, *, condition: str | None) -> bool:
+        """One conditional UpdateItem; False (nothing written) when ``condition`` does not hold."""
+        try:
+            await self._update(key, e, update, condition=condition)
+        except ConditionFailed:
+            return False
+        return True
+
     @staticmethod
     def _update_params(key: Mapping[str, Any], e: Expr, update: str, *, condition: str | None = None) -> dict[str, Any]:
         """The parameters an UpdateItem and a TransactWriteItems ``Update`` entry share (no table name)."""

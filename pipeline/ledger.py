@@ -201,14 +201,10 @@ class JobLedger(SubmissionLedger):
     async def release(self, job_id: str, owner: str) -> None:
         """Hand the lease back (graceful shutdown); a no-op if it is not ours any more."""
         e = Expr()
-        try:
-            await self._update(
-                {"job_id": {"S": job_id}},
-                e,
-                f"REMOVE {e.n('lease_owner')}, {e.n('lease_until')}",
-                condition=f"{e.n('lease_owner')} = {e.v(owner)}",
-            )
-        except ConditionFailed:
+        update = f"REMOVE {e.n('lease_owner')}, {e.n('lease_until')}"
+        if not await self._update_if(
+            {"job_id": {"S": job_id}}, e, update, condition=f"{e.n('lease_owner')} = {e.v(owner)}"
+        ):
             log.info("job %s: release by %s ignored, lease not held", job_id, owner)
 
     async def _transition(
@@ -285,15 +281,10 @@ class JobLedger(SubmissionLedger):
         """Keep the reconciler election ``owner`` won for ``hold_s`` from now: after it re-drove the job, no
         replica does so again before the work message has had its chance (a no-op if ``owner`` lost it)."""
         e = Expr()
-        try:
-            await self._update(
-                {"job_id": {"S": job_id}},
-                e,
-                f"SET {e.sets({'reconcile_until': self._clock() + hold_s})}",
-                condition=f"{e.n('reconcile_owner')} = {e.v(owner)}",
-            )
-        except ConditionFailed:
-            pass
+        update = f"SET {e.sets({'reconcile_until': self._clock() + hold_s})}"
+        await self._update_if(
+            {"job_id": {"S": job_id}}, e, update, condition=f"{e.n('reconcile_owner')} = {e.v(owner)}"
+        )
 
     async def reset_for_replay(self, job_id: str) -> LedgerItem:
         """Make a finished job workable again (state ``notified``, outcome cleared); refused while leased."""

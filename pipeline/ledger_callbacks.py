@@ -157,29 +157,21 @@ class CallbackLedger(SessionLedger):
         """Take ``notification_id`` back out of the job's seen set: its callout was counted but could not be
         enqueued (and was answered 503), so Zuora's retry of it must be taken as new, not as a duplicate."""
         e = Expr()
-        try:
-            await self._update(
-                {"job_id": {"S": job_id}},
-                e,
-                f"DELETE {e.n('notification_ids')} {e.v({notification_id})}",
-                condition=f"attribute_exists({e.n('job_id')})",
-            )
-        except ConditionFailed:
-            pass  # the item is gone: nothing to forget
+        update = f"DELETE {e.n('notification_ids')} {e.v({notification_id})}"
+        # the item gone (TTL) means nothing to forget
+        await self._update_if({"job_id": {"S": job_id}}, e, update, condition=f"attribute_exists({e.n('job_id')})")
 
     async def bind_submission(self, submission_id: str, job_id: str) -> bool:
         """Bind a notifyUrl token's submission to one job id, first come first served; True when the
         submission is (now or already) bound to ``job_id``, False when it names another job."""
         e = Expr()
         now = self._clock()
-        try:
-            await self._update(
-                {"job_id": {"S": f"sub#{submission_id}"}},
-                e,
-                "SET " + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
-                condition=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
-            )
-        except ConditionFailed:
+        bound = await self._update_if(
+            {"job_id": {"S": f"sub#{submission_id}"}},
+            e,
+            "SET " + e.sets({"bound_job": job_id, "kind": "submission", "expires_at": self._expires(now)}),
+            condition=f"attribute_not_exists({e.n('bound_job')}) OR {e.n('bound_job')} = {e.v(job_id)}",
+        )
+        if not bound:
             log.warning("submission %s is bound to another job; refusing %s", submission_id[:8], job_id)
-            return False
-        return True
+        return bound

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.dynamo import ConditionFailed, Expr, decode
+from pipeline.dynamo import Expr, decode
 from pipeline.ledger_callbacks import CallbackLedger
 
 SUBMISSION_PREFIX = "sub#"
@@ -62,32 +62,23 @@ class SubmissionLedger(CallbackLedger):
         }
         if pending.entity_ids:
             fields["entity_ids"] = pending.entity_ids
-        try:
-            await self._update(
-                self._sub_key(pending.submission_id),
-                e,
-                # pending_since is the key's first use: AQuA's 24-hour key window does not restart with a retry
-                f"SET {e.sets(fields)}, {e.n('pending_since')} = if_not_exists({e.n('pending_since')}, "
-                f"{e.v(pending.pending_since or now)}) REMOVE {e.n('abandoned')}",
-                condition=f"attribute_not_exists({e.n('bound_job')})",
-            )
-        except ConditionFailed:
-            return False
-        return True
+        written = await self._update_if(
+            self._sub_key(pending.submission_id),
+            e,
+            # pending_since is the key's first use: AQuA's 24-hour key window does not restart with a retry
+            f"SET {e.sets(fields)}, {e.n('pending_since')} = if_not_exists({e.n('pending_since')}, "
+            f"{e.v(pending.pending_since or now)}) REMOVE {e.n('abandoned')}",
+            condition=f"attribute_not_exists({e.n('bound_job')})",
+        )
+        return written
 
     async def abandon_submission(self, submission_id: str, reason: str) -> None:
         """Take the submission off the reconciler's list (it ended, or must not be sent again); ``reason`` stays
         on the item for operators."""
         e = Expr()
-        try:
-            await self._update(
-                self._sub_key(submission_id),
-                e,
-                f"SET {e.sets({'abandoned': reason})} REMOVE {e.n('pending_since')}",
-                condition=f"attribute_exists({e.n('job_id')})",
-            )
-        except ConditionFailed:
-            pass  # no such submission (expired, or never written): nothing is pending
+        update = f"SET {e.sets({'abandoned': reason})} REMOVE {e.n('pending_since')}"
+        # no such submission (expired, or never written) means nothing is pending
+        await self._update_if(self._sub_key(submission_id), e, update, condition=f"attribute_exists({e.n('job_id')})")
 
     async def find_pending_submissions(self, older_than_s: float) -> list[PendingSubmission]:
         """Submissions started more than ``older_than_s`` ago that never got to a job, oldest first."""
@@ -110,13 +101,5 @@ class SubmissionLedger(CallbackLedger):
         """Hold item ``key`` for ``owner`` for ``hold_s`` if ``condition`` holds and nobody else holds it."""
         now = self._clock()
         free = f"(attribute_not_exists({e.n('reconcile_until')}) OR {e.n('reconcile_until')} < {e.v(now)})"
-        try:
-            await self._update(
-                {"job_id": {"S": key}},
-                e,
-                f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}",
-                condition=f"{condition} AND {free}",
-            )
-        except ConditionFailed:
-            return False
-        return True
+        update = f"SET {e.sets({'reconcile_owner': owner, 'reconcile_until': now + hold_s})}"
+        return await self._update_if({"job_id": {"S": key}}, e, update, condition=f"{condition} AND {free}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.aqua.models import Job
+from pipeline.errors import PipelineError
 from pipeline.jobdefs import JobDefinition
 from pipeline.ledger import JobState, LedgerItem
 from pipeline.models import WorkMessage
@@ -73,6 +75,29 @@ async def submit(c: Components, definition: JobDefinition) -> Submitted:
     return await submitter(c).submit(
         definition.request, idempotency_key=definition.idempotency_key, entity_ids=definition.entity_ids
     )
+
+
+class PartlySubmitted(Exception):
+    """Some of several jobs were submitted, then one was not: ``cause`` says why; ``not_submitted`` names that job
+    and those after it, so that a retry sends only them."""
+
+    def __init__(self, cause: Exception, not_submitted: list[str]) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.not_submitted = not_submitted
+
+
+async def submit_each(c: Components, definitions: Sequence[JobDefinition]) -> AsyncIterator[Submitted]:
+    """Submit ``definitions`` in order, yielding each as AQuA accepts it. The first one's error is raised as is;
+    a later one's as :class:`PartlySubmitted` (the jobs before it exist in AQuA)."""
+    for i, d in enumerate(definitions):
+        try:
+            s = await submit(c, d)
+        except (PipelineError, ValueError) as exc:
+            if i == 0:
+                raise
+            raise PartlySubmitted(exc, [x.request.name or "(unnamed)" for x in definitions[i:]]) from exc
+        yield s
 
 
 async def status(c: Components, job_id: str) -> JobView:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.dynamo import ConditionFailed, DynamoTable, Expr, decode
+from pipeline.dynamo import DynamoTable, Expr, decode
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +39,15 @@ class SessionLedger(DynamoTable):
         values = {"kind": "session", "partner": partner, "project": project, "holder_job_id": job_id}
         update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
         cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
-        try:
-            await self._update(self._session_key(partner, project), e, update, condition=cond)
-        except ConditionFailed:
-            return False
-        return True
+        return await self._update_if(self._session_key(partner, project), e, update, condition=cond)
 
     async def release_session(self, partner: str, project: str, job_id: str) -> bool:
         """Let go of the session; False if ``job_id`` did not hold it."""
         e = Expr()
-        try:
-            await self._update(
-                self._session_key(partner, project),
-                e,
-                f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}",
-                condition=f"{e.n('holder_job_id')} = {e.v(job_id)}",
-            )
-        except ConditionFailed:
-            return False
-        return True
+        update = f"REMOVE {e.n('holder_job_id')}, {e.n('acquired_at')}"
+        return await self._update_if(
+            self._session_key(partner, project), e, update, condition=f"{e.n('holder_job_id')} = {e.v(job_id)}"
+        )
 
     async def record_session_completion(
         self, partner: str, project: str, job_id: str, transaction_start: str | None
@@ -78,9 +68,7 @@ class SessionLedger(DynamoTable):
         if transaction_start is not None:  # AQuA's "YYYY-MM-DD HH:MM:SS" sorts as text
             last = e.n("last_transaction_start")
             cond = f"attribute_not_exists({last}) OR {last} <= {e.v(transaction_start)}"
-        try:
-            await self._update(self._session_key(partner, project), e, f"SET {e.sets(values)}", condition=cond)
-        except ConditionFailed:
+        if not await self._update_if(self._session_key(partner, project), e, f"SET {e.sets(values)}", condition=cond):
             log.warning(
                 "session %s/%s: job %s started before the session's last recorded job; the record keeps that one",
                 partner,
