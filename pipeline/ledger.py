@@ -59,6 +59,10 @@ __all__ = [
 ]
 
 
+TTL_ATTRIBUTE = "expires_at"
+"""The item attribute DynamoDB's TTL expires ledger items on (epoch seconds)."""
+
+
 class JobLedger(SubmissionLedger):
     """The job ledger over an injected aiobotocore DynamoDB client."""
 
@@ -78,13 +82,19 @@ class JobLedger(SubmissionLedger):
         try:
             waiter = self._ddb.get_waiter("table_exists")
             await waiter.wait(TableName=self._table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-            ttl = await self._ddb.describe_time_to_live(TableName=self._table)
-            if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            ttl = (await self._ddb.describe_time_to_live(TableName=self._table)).get("TimeToLiveDescription", {})
+            if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
                 await self._ddb.update_time_to_live(
-                    TableName=self._table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
+                    TableName=self._table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
                 )
         except (ClientError, BotoCoreError) as exc:
             raise LedgerError(f"cannot prepare table {self._table}: {exc}") from exc
+        if ttl.get("AttributeName", TTL_ATTRIBUTE) != TTL_ATTRIBUTE:  # a table has one TTL attribute at most
+            raise LedgerError(
+                f"table {self._table} expires items on {ttl['AttributeName']!r}, not on {TTL_ATTRIBUTE!r}: the "
+                f"ledger's items would never expire; point LEDGER__TABLE_NAME at another table, or disable that "
+                f"TTL (it can then be set on {TTL_ATTRIBUTE!r})"
+            )
 
     # -- writes from the callback / submit side -------------------------------------------------------
 

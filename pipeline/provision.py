@@ -20,7 +20,7 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Resources", "ensure_resources", "settings_with_resources"]
+__all__ = ["ProvisioningError", "Resources", "ensure_resources", "settings_with_resources"]
 
 DLQ_RETENTION_S = 14 * 24 * 3600
 _NO_QUEUE = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
@@ -38,6 +38,10 @@ class Resources:
     table_name: str
 
 
+class ProvisioningError(Exception):
+    """A resource cannot be made ready as the service needs it (the message says which, and what to change)."""
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -50,7 +54,12 @@ async def _ensure_bucket(s3: Any, name: str, region: str) -> None:
         await s3.create_bucket(**kw)
         log.info("created bucket %s", name)
     except ClientError as exc:
-        if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+        if _code(exc) == "BucketAlreadyExists":  # S3's answer when the name is another account's bucket
+            raise ProvisioningError(
+                f"bucket {name} already exists and belongs to another AWS account: results must not land there; "
+                "set S3__BUCKET to a bucket name of your own"
+            ) from exc
+        if _code(exc) != "BucketAlreadyOwnedByYou":
             raise
 
 

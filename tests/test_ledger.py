@@ -57,6 +57,29 @@ async def test_ensure_table_is_idempotent_and_enables_ttl(ledger: JobLedger, aws
     assert ttl["TimeToLiveDescription"] == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expires_at"}
 
 
+async def test_ensure_table_refuses_a_table_that_expires_items_on_another_attribute(
+    aws: AwsClients, unique: str
+) -> None:
+    """DynamoDB allows one TTL attribute per table: a table expiring on another one would keep the ledger's items
+    for ever, so start-up says so instead of running with it."""
+    led = JobLedger(aws.dynamodb, LedgerSettings(table_name=f"ttl-{unique}"))
+    await aws.dynamodb.create_table(
+        TableName=led.table_name,
+        AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    spec = {"Enabled": True, "AttributeName": "purge_at"}
+    await aws.dynamodb.update_time_to_live(TableName=led.table_name, TimeToLiveSpecification=spec)
+    try:
+        with pytest.raises(LedgerError, match=r"expires items on 'purge_at', not on 'expires_at'.*LEDGER__TABLE_NAME"):
+            await led.ensure_table()
+        ttl = await aws.dynamodb.describe_time_to_live(TableName=led.table_name)
+        assert ttl["TimeToLiveDescription"]["AttributeName"] == "purge_at"  # left as it was
+    finally:
+        await aws.dynamodb.delete_table(TableName=led.table_name)
+
+
 async def test_record_submission_creates_once(ledger: JobLedger) -> None:
     assert await ledger.record_submission(
         JOB, submission_id="sub-1", job_name="nightly", partner="p", project="q", request={"format": "csv"}

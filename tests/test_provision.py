@@ -6,12 +6,16 @@ import asyncio
 import json
 from typing import Any
 
-from pipeline.aws import AwsClients
+import pytest
+from aiobotocore.session import get_session
+from pydantic import SecretStr
+
+from pipeline.aws import AwsClients, client_kwargs
 from pipeline.events import SnsPublisher, failed_event
 from pipeline.ledger import JobLedger
 from pipeline.models import CloudEvent
-from pipeline.provision import Resources, ensure_resources, settings_with_resources
-from pipeline.settings import EventsSettings, LedgerSettings, QueueSettings, S3Settings, Settings
+from pipeline.provision import ProvisioningError, Resources, ensure_resources, settings_with_resources
+from pipeline.settings import AwsSettings, EventsSettings, LedgerSettings, QueueSettings, S3Settings, Settings
 
 
 def make_settings(unique: str, **over: Any) -> Settings:
@@ -61,6 +65,25 @@ async def test_ensure_resources_creates_everything_idempotently(aws: AwsClients,
     await SnsPublisher(aws.sns, res.topic_arn).publish(event)
     msgs = (await aws.sqs.receive_message(QueueUrl=res.subscriber_queue_url, WaitTimeSeconds=1))["Messages"]
     assert CloudEvent.model_validate_json(json.loads(msgs[0]["Body"])["Message"]) == event
+
+
+async def test_a_bucket_of_another_account_is_refused(aws: AwsClients, aws_settings: AwsSettings, unique: str) -> None:
+    """Bucket names are global: when the configured name is another account's bucket, S3 answers
+    BucketAlreadyExists, and provisioning stops there instead of pointing the service at it."""
+    role = f"arn:aws:iam::111111111111:role/other-{unique}"
+    async with get_session().create_client("sts", **client_kwargs(aws_settings)) as sts:
+        creds = (await sts.assume_role(RoleArn=role, RoleSessionName="other"))["Credentials"]
+    other = aws_settings.model_copy(
+        update={"access_key_id": creds["AccessKeyId"], "secret_access_key": SecretStr(creds["SecretAccessKey"])}
+    )
+    kw = client_kwargs(other)
+    async with get_session().create_client("s3", aws_session_token=creds["SessionToken"], **kw) as s3:
+        await s3.create_bucket(Bucket=f"res-{unique}")
+    with pytest.raises(ProvisioningError, match=f"bucket res-{unique} already exists and belongs to another AWS"):
+        await ensure_resources(aws, make_settings(unique))
+    again = make_settings(f"{unique}-mine")
+    assert (await ensure_resources(aws, again)).bucket == f"res-{unique}-mine"  # our own, created, then kept
+    assert (await ensure_resources(aws, again)).bucket == f"res-{unique}-mine"
 
 
 async def test_changed_settings_update_existing_queues(aws: AwsClients, unique: str) -> None:
