@@ -249,7 +249,19 @@ def _validate(body: dict[str, Any], check_fields: bool) -> tuple[SubmitRequest |
         model = [line for field, line in _pydantic_problems(exc) if field not in words]
         return None, [f"{m} (AQuA error {c})" for c, m in aqua] + model
     aqua = validate_submit(request.to_body(), check_fields=check_fields)
-    return request, [f"{m} (AQuA error {c})" for c, m in aqua]
+    return request, [f"{m} (AQuA error {c})" for c, m in aqua] + _session_problems(request)
+
+
+def _session_problems(request: SubmitRequest) -> list[str]:
+    """This pipeline's own rule: ``partner`` and ``project`` come together. AQuA takes one without the other and
+    runs the job stateless, a full load every time, which is never what setting one of them asked for."""
+    if request.version in ("1.1", "1.2") and bool(request.partner) != bool(request.project):
+        given, missing = ("partner", "project") if request.partner else ("project", "partner")
+        return [
+            f"{given} is set without {missing}: AQuA would run the job stateless (a full load every time); set "
+            f"both for a stateful session, or neither"
+        ]
+    return []
 
 
 def load_job_definitions(path: Path, *, check_fields: bool = False) -> list[JobDefinition]:

@@ -72,6 +72,18 @@ class SubmissionLedger(CallbackLedger):
         )
         return written
 
+    async def rekey_submission(self, pending: PendingSubmission, new_key: str) -> bool:
+        """Send a pending submission under ``new_key`` from now on, its key window restarting now. For a refusal
+        that made no job (the job limit): AQuA answers the old key from its idempotency store with that refusal.
+        False (nothing written) when the submission moved on meanwhile: bound to a job, abandoned or re-keyed."""
+        e = Expr()
+        update = f"SET {e.sets({'idempotency_key': new_key, 'pending_since': self._clock()})}"
+        unchanged = (
+            f"{e.n('idempotency_key')} = {e.v(pending.idempotency_key)} AND "
+            f"attribute_exists({e.n('pending_since')}) AND attribute_not_exists({e.n('bound_job')})"
+        )
+        return await self._update_if(self._sub_key(pending.submission_id), e, update, condition=unchanged)
+
     async def abandon_submission(self, submission_id: str, reason: str) -> None:
         """Take the submission off the reconciler's list (it ended, or must not be sent again); ``reason`` stays
         on the item for operators."""

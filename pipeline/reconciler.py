@@ -109,7 +109,7 @@ class Reconciler:
             except Exception as exc:
                 self._failed(f"could not finish submission {sid}, in flight when its submitter died", exc)
                 continue
-            log_at = logging.INFO if outcome is Resumed.recorded else logging.ERROR
+            log_at = {Resumed.recorded: logging.INFO, Resumed.deferred: logging.WARNING}.get(outcome, logging.ERROR)
             log.log(log_at, "submission %s, in flight when its submitter died: %s", sid, outcome.value)
             self.metrics.resumed_submissions.labels(outcome.value).inc()
 

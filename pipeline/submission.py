@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
 from pydantic import ValidationError
 
-from pipeline.aqua.client import AquaClient
+from pipeline.aqua.client import JOB_LIMIT_CODE, AquaClient
 from pipeline.aqua.models import Job, SubmitRequest
 from pipeline.errors import AquaValidationError, LedgerError
 from pipeline.ledger import JobLedger, PendingSubmission
@@ -36,6 +37,11 @@ def default_idempotency_key(request: SubmitRequest, submission_id: str) -> str:
     """A key unique to this submission (callers pass their own to make retries of *their* submit safe)."""
     digest = hashlib.sha256(request.model_dump_json(by_alias=True).encode()).hexdigest()[:24]
     return f"aqp-{submission_id[:24]}-{digest}"
+
+
+def new_idempotency_key(submission_id: str) -> str:
+    """A fresh key for a submission AQuA refused without making a job (see :meth:`Submitter.resume`)."""
+    return f"aqp-{submission_id[:24]}-{uuid.uuid4().hex[:24]}"
 
 
 class Submitter:
@@ -84,7 +90,8 @@ class Submitter:
         """Finish a submit whose submitter died: send it again under its own Idempotency-Key, so AQuA answers with
         the job it already made (or makes it, if the first request never reached it), and record that job.
 
-        A refusal (AQuA will not make this job) takes it off the list. Raises the client's retryable errors, and a
+        A refusal (AQuA will not make this job) takes it off the list; the concurrent job limit (90028) gives it a
+        new key for the next round (:attr:`Resumed.deferred`). Raises the client's other retryable errors, and a
         409 (a request with the same key still in progress), for the next round to try again.
         """
         if now - pending.pending_since > IDEMPOTENCY_WINDOW_S:
@@ -95,8 +102,13 @@ class Submitter:
             request = SubmitRequest.model_validate(pending.request)
             job, _ = await self._send(pending, request)
         except (AquaValidationError, ValidationError) as exc:
+            if isinstance(exc, AquaValidationError) and exc.error_code == JOB_LIMIT_CODE:
+                # Over the job limit AQuA made no job under this key, and would answer any resend of the key
+                # with the same stored refusal for 24 hours: the next round sends it under a new key.
+                await self.ledger.rekey_submission(pending, new_idempotency_key(pending.submission_id))
+                return Resumed.deferred
             if isinstance(exc, AquaValidationError) and (exc.retryable or exc.status == 409):
-                raise  # e.g. the job limit (90028), or the first request still in progress
+                raise  # e.g. an internal AQuA error, or the first request still in progress
             await self.ledger.abandon_submission(pending.submission_id, f"refused: {exc}"[:500])
             return Resumed.refused
         await self._record(pending, request, job)
@@ -149,3 +161,5 @@ class Resumed(StrEnum):
     recorded = "recorded"
     refused = "refused"
     expired = "expired"
+    deferred = "deferred"
+    """Over AQuA's concurrent job limit (90028): sent again under a new Idempotency-Key in a later round."""

@@ -205,6 +205,9 @@ def test_all_problems_collected_with_file_job_and_line(tmp_path: Path) -> None:
         ({"idempotencyKey": "k" * 256}, "idempotencyKey: must be"),
         ({"useQueryLabels": True, "use_query_labels": False}, "given twice"),
         ({"sourceData": "SANDBOX"}, "sourceData must be LIVE"),  # REFERENCE.md §3.1: LIVE only
+        # AQuA would take these and run them stateless; this pipeline asks for both or neither
+        ({"version": "1.1", "partner": "p"}, "partner is set without project: AQuA would run the job stateless"),
+        ({"version": "1.2", "project": "q"}, "project is set without partner: AQuA would run the job stateless"),
         ({"version": True}, "version must be one of"),  # not read as 1.0
         (  # object names are case-insensitive: processedusage is ProcessedUsage, which has no deleted rows
             {

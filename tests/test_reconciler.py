@@ -5,20 +5,24 @@ submitter died is sent again only under its own Idempotency-Key, and only while 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
+from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Job, SubmitRequest
+from pipeline.aqua.simulator import SIMULATOR_KEY, SimulatorConfig, create_simulator_app
 from pipeline.aws import AwsClients
 from pipeline.errors import AquaUnavailable, AquaValidationError, LedgerError
 from pipeline.ledger import JobLedger, JobState, PendingSubmission
 from pipeline.metrics import Metrics
 from pipeline.reconciler import Reconciler
-from pipeline.settings import HttpSettings, LedgerSettings, ReconcilerSettings
+from pipeline.settings import AquaSettings, HttpSettings, LedgerSettings, ReconcilerSettings
 from pipeline.submission import Resumed, Submitter
 from pipeline.tokens import TokenSigner
 from pipeline.workqueue import WorkQueue
@@ -146,7 +150,7 @@ def pending(since: float) -> PendingSubmission:
         (60, AquaValidationError("in progress", status=409), AquaValidationError, True),
         (
             60,
-            AquaValidationError("AQuA error 90028: too many jobs", status=200, retryable=True),
+            AquaValidationError("AQuA error 90022: internal error", error_code="90022", status=200, retryable=True),
             AquaValidationError,
             True,
         ),
@@ -180,6 +184,44 @@ async def test_resuming_a_submission_sends_it_again_only_under_its_own_key(
     if recorded is not None:
         assert (recorded.state, recorded.submission_id, recorded.job_name) == (JobState.submitted, p.submission_id, "n")
         assert not await ledger.record_pending_submission(p)  # bound now: a retried submit writes nothing
+
+
+async def test_a_submission_over_the_job_limit_is_sent_again_under_a_new_key(parts: Any, aiohttp_server: Any) -> None:
+    """Over the concurrent job limit AQuA answers 90028 and makes no job; it would answer the same key with the
+    same stored refusal for 24 hours. So the pending submission is re-keyed (its window restarting), stays
+    pending, and lands under the new key once the limit lifts (the simulator keeps answers per key, as AQuA)."""
+    clock, ledger, _ = parts
+    sim_app = create_simulator_app(SimulatorConfig(step_delay_s=30, max_concurrent_jobs=1))
+    server = await aiohttp_server(sim_app)
+    sim = sim_app[SIMULATOR_KEY]
+    settings = AquaSettings(base_url=str(server.make_url("")), client_id="sim-client", client_secret="sim-secret")
+    async with aiohttp.ClientSession() as http:
+        aqua = AquaClient(http, settings)
+        body = {**pending(0).request, "queries": [{"name": "A", "query": "select Id from Account"}]}
+        running = await aqua.submit(SubmitRequest.model_validate(body))  # takes the tenant's one slot
+        signer = TokenSigner([SecretStr("k" * 32)], 3600)
+        submitter = Submitter(aqua=aqua, ledger=ledger, signer=signer, http=HttpSettings())
+        clock.now = time.time()
+        first = dataclasses.replace(pending(clock.now - 60), request=body)
+        assert await ledger.record_pending_submission(first)
+
+        assert await submitter.resume(first, clock.now) is Resumed.deferred
+        clock.now += 5
+        [again] = await ledger.find_pending_submissions(1)
+        assert again.idempotency_key != first.idempotency_key and again.pending_since == pytest.approx(clock.now - 5)
+        assert again.idempotency_key.startswith(f"aqp-{first.submission_id[:24]}-")
+        assert not await ledger.rekey_submission(first, "aqp-other")  # only from the key it was refused under
+
+        assert running.id is not None
+        sim.cancel(sim.jobs[running.id])  # the limit lifts
+        with pytest.raises(AquaValidationError) as refused:  # the old key still gets its stored refusal ...
+            await aqua.submit(SubmitRequest.model_validate(first.request), idempotency_key=first.idempotency_key)
+        assert refused.value.error_code == "90028" and refused.value.retryable
+        assert await submitter.resume(again, clock.now) is Resumed.recorded  # ... the new one makes the job
+    assert await ledger.find_pending_submissions(0) == []
+    [made] = [j for j in sim.jobs if j != running.id]
+    job = await ledger.get(made)
+    assert job is not None and (job.state, job.submission_id) == (JobState.submitted, first.submission_id)
 
 
 async def test_two_reconcilers_do_not_both_send_a_pending_submission(parts: Any) -> None:

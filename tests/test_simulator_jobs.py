@@ -143,6 +143,17 @@ async def test_stateful_without_history_and_no_queries_is_90016(make_sim: SimFac
     assert (await s.submit({**STATEFUL, "project": "fresh"}))["errorCode"] == "90016"
 
 
+async def test_partner_without_project_runs_stateless(make_sim: SimFactory) -> None:
+    """REFERENCE.md §3.4: version 1.1/1.2 with partner or project null is a stateless job, not a refusal."""
+    s = await make_sim()
+    for _ in range(2):
+        job = await s.submit({"version": "1.1", "partner": "lonely", "queries": [ACCOUNT_QUERY]})
+        assert job["status"] == "submitted" and "errorCode" not in job
+        done = await s.finished(job["id"])
+        assert done["batches"][0]["full"] is True  # a full load each time: no session keeps its state
+    assert not s.sim.sessions
+
+
 async def test_same_session_runs_in_arrival_order(make_sim: SimFactory) -> None:
     s = await make_sim(SimulatorConfig(step_delay_s=0.01))
     a = await s.submit({**STATEFUL, "project": "serial", "queries": [ACCOUNT_QUERY]})

@@ -139,7 +139,8 @@ def errs(body: dict[str, Any]) -> list[str]:
         ({"version": "1.1", "partner": "p", "project": "q", "incrementalTime": "2025-01-01 10:00:00"}, None),
         ({"offset": 3601, "queries": [Q]}, "90000"),
         ({"offset": 3600, "queries": [Q]}, None),
-        ({"version": "1.1", "partner": "p", "queries": [Q]}, "90000"),
+        ({"version": "1.1", "partner": "p", "queries": [Q]}, None),  # AQuA runs it stateless (REFERENCE.md §3.4)
+        ({"version": "1.2", "project": "q", "queries": [Q]}, None),
         ({"queries": [{**Q, "query": "selec Id frm Account"}]}, "90005"),
         ({"queries": [{**Q, "query": "select Id from Nope"}]}, "90005"),
         ({"queries": [{**Q, "query": "select Id, Bogus from Account"}]}, "90005"),

@@ -42,8 +42,11 @@ _TRACK_ID_RE = re.compile(r"^[\x20-\x7e]{1,64}$")
 _TRACK_ID_FORBIDDEN = set(":;\"'")
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_IDEMPOTENCY_KEY = 255
-_RETRYABLE_AQUA_CODES = {"90006", "90008", "90010", "90022"}
-"""AQuA error codes that name an internal, temporary failure (REFERENCE.md §11.1)."""
+JOB_LIMIT_CODE = "90028"
+"""AQuA's refusal of a job over the tenant's concurrent job limit (REFERENCE.md §10): no job is made."""
+_RETRYABLE_AQUA_CODES = {"90006", "90008", "90010", "90022", JOB_LIMIT_CODE}
+"""AQuA error codes worth trying again later: an internal, temporary failure (REFERENCE.md §11.1), or the
+concurrent job limit, which lifts as the tenant's running jobs finish."""
 _RETRYABLE_V1_CATEGORIES = {"50", "61", "70", "99"}
 """v1 error categories worth retrying (REFERENCE.md §11.2)."""
 _NOT_FOUND_AQUA_CODES = {"90001", "90002"}
@@ -88,6 +91,8 @@ def _error_from_body(data: Any, *, status: int, request_id: str | None) -> AquaV
         if code in _NOT_FOUND_AQUA_CODES:
             return AquaNotFound(f"AQuA error {code}: {message}", status=status, request_id=request_id)
         retryable = code in _RETRYABLE_AQUA_CODES
+        if code == JOB_LIMIT_CODE:
+            message += " (the tenant's concurrent job limit: its jobs in Submitted or Executing count; try again later)"
     elif data.get("success") is False:
         reasons = data.get("reasons") or [{}]
         first = reasons[0] if isinstance(reasons, list) and reasons and isinstance(reasons[0], dict) else {}

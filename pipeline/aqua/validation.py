@@ -303,9 +303,7 @@ def validate_submit(
     encrypted = body.get("encrypted")
     if encrypted is not None and (not isinstance(encrypted, str) or encrypted.lower() not in ("none", "pgp")):
         errors.append((INVALID_REQUEST, "encrypted must be none or pgp"))
-    partner, project = body.get("partner"), body.get("project")
-    if version in ("1.1", "1.2") and bool(partner) != bool(project):
-        errors.append((INVALID_REQUEST, "partner and project must be set together for a stateful query"))
+    # partner without project (or the reverse) is no error: AQuA runs the job stateless (REFERENCE.md §3.4)
     stateful = is_stateful(body)
     notify = body.get("notifyUrl")
     if notify is not None and (not isinstance(notify, str) or len(notify) > MAX_NOTIFY_URL):
