@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from pipeline import ops
 from pipeline.aqua.models import is_aqua_id
-from pipeline.callbacks import error_response, json_response, read_body
-from pipeline.errors import AquaNotFound, AquaValidationError, PipelineError
+from pipeline.callbacks import error_response, expect_handler, json_response, read_body
+from pipeline.errors import AquaNotFound, AquaValidationError, JobBusy, JobNotInLedger, PipelineError
 from pipeline.jobdefs import JobDefinitionError, parse_job_definitions
 from pipeline.settings import Settings
 
@@ -37,8 +37,10 @@ _ERRORS = (AquaNotFound, AquaValidationError, JobDefinitionError, ValidationErro
 
 def error_of(exc: BaseException) -> tuple[int, str, str]:
     """Status, code and message of the admin API's answer to one of :data:`_ERRORS`."""
-    if isinstance(exc, AquaNotFound):
+    if isinstance(exc, AquaNotFound | JobNotInLedger):
         return 404, "not_found", str(exc)
+    if isinstance(exc, JobBusy):
+        return 409, "job_busy", str(exc)
     if isinstance(exc, AquaValidationError):
         return 422, f"aqua_{exc.error_code or 'error'}", str(exc)
     if isinstance(exc, JobDefinitionError | ValidationError | ValueError):
@@ -114,12 +116,12 @@ def add_admin_routes(app: web.Application, settings: Settings) -> None:
     async def openapi(request: web.Request) -> web.Response:
         return json_response(200, openapi_document(settings))
 
-    app.router.add_post("/admin/jobs", guarded(submit))
-    app.router.add_get("/admin/jobs", guarded(list_jobs))
-    app.router.add_get("/admin/jobs/{job_id}", guarded(get_job))
-    app.router.add_post("/admin/jobs/{job_id}/replay", guarded(replay))
-    app.router.add_delete("/admin/jobs/{job_id}", guarded(cancel))
-    app.router.add_get("/admin/openapi.json", openapi)
+    app.router.add_post("/admin/jobs", guarded(submit), expect_handler=expect_handler)
+    app.router.add_get("/admin/jobs", guarded(list_jobs), expect_handler=expect_handler)
+    app.router.add_get("/admin/jobs/{job_id}", guarded(get_job), expect_handler=expect_handler)
+    app.router.add_post("/admin/jobs/{job_id}/replay", guarded(replay), expect_handler=expect_handler)
+    app.router.add_delete("/admin/jobs/{job_id}", guarded(cancel), expect_handler=expect_handler)
+    app.router.add_get("/admin/openapi.json", openapi, expect_handler=expect_handler)
 
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
@@ -226,7 +228,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "post": {
                     "summary": "Replay transfer + event",
                     "parameters": [job_id],
-                    "responses": responses("202", 400, 401, 404),
+                    "responses": responses("202", 400, 401, 404, 409, 503),
                 }
             },
         },

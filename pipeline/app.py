@@ -22,7 +22,7 @@ from pipeline.aws import AwsClients, open_clients
 from pipeline.callback_auth import CallbackAuthenticator
 from pipeline.callback_batch import TokenCallbackBatcher
 from pipeline.callback_record import CallbackRecorder
-from pipeline.callbacks import CallbackHandler, error_response, json_response
+from pipeline.callbacks import CallbackHandler, error_response, expect_handler, json_response
 from pipeline.csvcheck import DEFAULT_ENGINE
 from pipeline.errors import PipelineError
 from pipeline.events import EventPublisher, build_publisher
@@ -188,11 +188,11 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     async def callback(request: web.Request) -> web.StreamResponse:
         return await request.app[CALLBACKS_KEY](request)
 
-    app.router.add_route("GET", settings.http.callback_path, callback)
-    app.router.add_route("POST", settings.http.callback_path, callback)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_route)
+    app.router.add_route("GET", settings.http.callback_path, callback, expect_handler=expect_handler)
+    app.router.add_route("POST", settings.http.callback_path, callback, expect_handler=expect_handler)
+    app.router.add_get("/healthz", healthz, expect_handler=expect_handler)
+    app.router.add_get("/readyz", readyz, expect_handler=expect_handler)
+    app.router.add_get("/metrics", metrics_route, expect_handler=expect_handler)
     try:
         from pipeline.admin import add_admin_routes
     except ImportError:  # pragma: no cover - the admin API is optional at this stage

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from pipeline.aqua.client import check_track_id
 from pipeline.aqua.models import is_aqua_id
@@ -220,6 +221,16 @@ class CallbackHandler:
 def json_response(status: int, body: object, *, headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON response serialised with orjson."""
     return web.Response(status=status, text=dumps(body), content_type="application/json", headers=headers)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """Every route's ``Expect`` handling: ``100-continue`` as aiohttp does it; anything else 417 in the JSON
+    error shape (aiohttp's own answer, raised before any middleware runs, is text/plain)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        await _default_expect_handler(request)
+        return None
+    return error_response(417, "expectation_failed", f"unsupported Expect header: {expect[:100]!r}")
 
 
 def error_response(

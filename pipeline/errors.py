@@ -16,6 +16,8 @@
     │   └── StorageError                 retryable   S3 refused or failed
     ├── PublishFailed                    retryable   the completion event could not be published
     └── LedgerError                      retryable   DynamoDB failed (a lost condition is not an error)
+        ├── JobNotInLedger               permanent   no such job in the ledger (not one of this service's)
+        └── JobBusy                      retryable   a worker holds the job's lease right now
 """
 
 from __future__ import annotations
@@ -130,3 +132,13 @@ class LedgerError(PipelineError):
     """The job ledger could not be read or written."""
 
     retryable = True
+
+
+class JobNotInLedger(LedgerError):
+    """The job is not in the ledger: this service never submitted nor heard of it (or its item expired)."""
+
+    retryable = False
+
+
+class JobBusy(LedgerError):
+    """A worker holds the job's lease right now; the action may be tried again once it lets go."""

@@ -25,7 +25,7 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.dynamo import ConditionFailed, Expr
-from pipeline.errors import LedgerError
+from pipeline.errors import JobBusy, JobNotInLedger, LedgerError
 from pipeline.ledger_items import (
     FAILABLE,
     KNOWN_FIELDS,
@@ -280,7 +280,7 @@ class JobLedger(SubmissionLedger):
                 {"job_id": {"S": job_id}}, e, f"SET {e.sets(fields)}", condition=f"attribute_exists({e.n('state')})"
             )
         except ConditionFailed:
-            raise LedgerError(f"job {job_id} is not in the ledger", retryable=False) from None
+            raise JobNotInLedger(f"job {job_id} is not in the ledger") from None
 
     async def try_reconcile(self, job_id: str, owner: str, *, hold_s: float) -> bool:
         """Elect one reconciler per job per round: True for the replica that may act on it now."""
@@ -312,7 +312,9 @@ class JobLedger(SubmissionLedger):
         try:
             resp = await self._update({"job_id": {"S": job_id}}, e, update, condition=cond, returns="ALL_NEW")
         except ConditionFailed:
-            raise LedgerError(f"job {job_id} is unknown or being worked on right now", retryable=False) from None
+            if await self.get(job_id) is None:
+                raise JobNotInLedger(f"job {job_id} is not in the ledger") from None
+            raise JobBusy(f"job {job_id} is being worked on right now; replay it once that ends") from None
         return LedgerItem.from_item(resp["Attributes"])
 
     async def ping(self) -> None:

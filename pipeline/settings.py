@@ -40,6 +40,10 @@ a service reachable from elsewhere refuses it (see :class:`Settings`)."""
 MIN_SIGNING_KEY = 16
 
 
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+"""Routes of the service's own, besides the admin API under ``/admin/``: no callback path may take them."""
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -186,8 +190,13 @@ class HttpSettings(_Group):
         # what every submit builds into its notifyUrl, checked at start-up instead of at the first submit
         if info.field_name == "public_base_url":
             build_notify_url(value, "/", "t")
-        else:
-            build_notify_url("http://h", value, "t")
+            return value
+        if not value.startswith("/") or any(c in value for c in "{}") or any(c.isspace() for c in value):
+            raise ValueError("must be a path starting with /, without spaces or braces, e.g. /callbacks/aqua")
+        taken = value.rstrip("/") or "/"
+        if taken in RESERVED_PATHS or taken == "/admin" or taken.startswith("/admin/"):
+            raise ValueError(f"{value} is one of the service's own routes ({', '.join(RESERVED_PATHS)}, /admin/...)")
+        build_notify_url("http://h", value, "t")
         return value
 
 

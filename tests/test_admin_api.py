@@ -122,7 +122,7 @@ async def test_operator_actions_on_the_data(moto_server: MotoServer) -> None:
             ("GET", "/jobs/not-an-id", 400),
             ("GET", "/jobs?limit=abc", 400),
             ("GET", "/jobs/" + "a" * 32, 404),
-            ("POST", "/jobs/" + "a" * 32 + "/replay", 400),
+            ("POST", "/jobs/" + "a" * 32 + "/replay", 404),  # not one of ours
             ("DELETE", f"/jobs/{job_id}", 422),  # a finished job cannot be cancelled
         ]:
             async with http.request(method, base + path) as resp:

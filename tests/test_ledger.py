@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from pipeline.admin import error_of
 from pipeline.aws import AwsClients
 from pipeline.dynamo import Expr
-from pipeline.errors import LedgerError
+from pipeline.errors import JobBusy, JobNotInLedger, LedgerError
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
 from pipeline.settings import LedgerSettings
 
@@ -175,6 +176,20 @@ async def test_token_callback_fast_path_declines_without_writing(ledger: JobLedg
         frozenset(),
         T0 + 5,
     )
+
+
+async def test_a_replay_says_whether_the_job_is_unknown_or_busy(ledger: JobLedger, clock: Clock) -> None:
+    """The admin API answers these 404 and 409: they must not look alike."""
+    with pytest.raises(JobNotInLedger):
+        await ledger.reset_for_replay(JOB)
+    await ledger.record_callback(JOB, status="Completed", notification_id=None)
+    assert await ledger.claim(JOB, "w1", 30)
+    with pytest.raises(JobBusy) as busy:
+        await ledger.reset_for_replay(JOB)
+    assert busy.value.retryable and error_of(busy.value)[:2] == (409, "job_busy")
+    clock.now += 31  # the lease lapsed: the replay goes ahead
+    assert (await ledger.reset_for_replay(JOB)).state == JobState.notified
+    assert error_of(JobNotInLedger("x"))[:2] == (404, "not_found")
 
 
 async def test_callback_after_work_started_leaves_state_alone(ledger: JobLedger) -> None:

@@ -153,6 +153,12 @@ async def test_health_and_readiness(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url, run_worker=False) as stack, aiohttp.ClientSession() as http:
         async with http.get(stack.service_url + "/healthz") as resp:
             assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        # An Expect header other than 100-continue gets the JSON error shape too (aiohttp's own 417 is text/plain)
+        for path in ("/healthz", "/admin/jobs", stack.settings.http.callback_path):
+            async with http.get(stack.service_url + path, headers={"Expect": "0"}) as resp:
+                assert (resp.status, (await resp.json())["error"]) == (417, "expectation_failed"), path
+        async with http.post(stack.service_url + "/admin/jobs", data=b"{}", expect100=True) as resp:
+            assert resp.status == 403 and (await resp.json())["error"] == "admin_disabled"  # 100-continue works
         async with http.get(stack.service_url + "/readyz") as resp:
             body = await resp.json()
             assert resp.status == 200, body

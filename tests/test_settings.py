@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.settings import SettingsError, load_settings
+from pipeline.settings import RESERVED_PATHS, SettingsError, load_settings
 
 
 def test_defaults_load() -> None:
@@ -36,6 +36,11 @@ def test_nested_env_variable_is_read() -> None:
         ("AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL", "ftp://hooks.example.com"),  # else every submit fails, not start-up
         ("AQUA_PIPELINE_HTTP__PUBLIC_BASE_URL", "https://hooks.example.com/?x=1"),
         ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/callbacks/aqua#x"),
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "callbacks"),  # aiohttp would refuse it at start-up, unnamed
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/cb/{job}"),
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/healthz"),  # the service's own routes: taken over or a crash
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/metrics/"),
+        ("AQUA_PIPELINE_HTTP__CALLBACK_PATH", "/admin/jobs"),
         ("AQUA_PIPELINE_SECURITY__SHARED_SECRET", ""),  # an empty secret would let in whoever sends an empty one
         ("AQUA_PIPELINE_SECURITY__ADMIN_TOKEN", ""),
         ("AQUA_PIPELINE_SECURITY__SIGNING_KEYS", '["too-short"]'),
@@ -157,3 +162,15 @@ def test_a_manifest_template_that_jobs_would_share_or_cannot_render_stops_start_
     with pytest.raises(SettingsError) as err:
         load_settings()
     assert "AQUA_PIPELINE_S3__MANIFEST_TEMPLATE" in str(err.value) and said in str(err.value)
+
+
+def test_the_reserved_paths_are_every_route_of_the_service_but_the_callback() -> None:
+    """What the callback-path check refuses is what the app serves besides the callback route."""
+    from pipeline.app import create_app
+
+    settings = load_settings()
+    routes = {r.resource.canonical for r in create_app(settings).router.routes() if r.resource is not None}
+    others = routes - {settings.http.callback_path}
+    assert {p for p in others if not p.startswith("/admin/")} == set(RESERVED_PATHS)
+    os.environ["AQUA_PIPELINE_HTTP__CALLBACK_PATH"] = "/zuora/hooks/"
+    assert load_settings().http.callback_path == "/zuora/hooks/"
