@@ -10,8 +10,9 @@ Policy, applied by :meth:`CallbackAuthenticator.authenticate` in this order:
 3. **Basic.** Otherwise, when ``basic_user``/``basic_password`` are configured (a UI-configured callout), the
    request must carry those credentials; a request without them gets 401 and ``WWW-Authenticate`` so Zuora
    retries with them. Method ``basic``.
-4. **Shared secret.** Otherwise, when ``shared_secret`` is configured, the ``X-Aqua-Pipeline-Secret`` header
-   (preferred) or the ``secret`` query parameter must carry it. Method ``secret``.
+4. **Shared secret.** When ``shared_secret`` is configured, the ``X-Aqua-Pipeline-Secret`` header (preferred) or
+   the ``secret`` query parameter must carry it: alone (method ``secret``), or after Basic when both are
+   configured (method ``basic+secret``: both are required, neither stands in for the other).
 5. Otherwise, when ``require_token`` is set: 401 ``token_required``. Else the callback is accepted unproven
    (method ``none``); the worker re-reads the job from AQuA either way, so an unproven callback can at most
    make us look at a job.
@@ -55,7 +56,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class AuthResult:
     """How a callback proved itself, the token's claim when it used one, and the client address we settled on."""
 
-    method: Literal["token", "basic", "secret", "none"]
+    method: Literal["token", "basic", "secret", "basic+secret", "none"]
     claim: TokenClaim | None
     client_ip: str | None
 
@@ -225,14 +226,16 @@ class CallbackAuthenticator:
                 raise CallbackRejected("more than one callback token", status=401, code="token_malformed")
             claim = self._signer.verify(tokens[0])
             return AuthResult(method="token", claim=claim, client_ip=ip)
-        if s.basic_user is not None and s.basic_password is not None:
+        basic = s.basic_user is not None and s.basic_password is not None
+        if basic:
             authorization = _values(headers, "Authorization")
             check_basic(authorization[0] if len(authorization) == 1 else None, s.basic_user, s.basic_password)
-            return AuthResult(method="basic", claim=None, client_ip=ip)
-        if s.shared_secret is not None:
+        if s.shared_secret is not None:  # with Basic configured too, both are required
             given = _values(headers, SECRET_HEADER) or _values(query, SECRET_PARAM)
             check_shared_secret(given[0] if len(given) == 1 else None, s.shared_secret)
-            return AuthResult(method="secret", claim=None, client_ip=ip)
+            return AuthResult(method="basic+secret" if basic else "secret", claim=None, client_ip=ip)
+        if basic:
+            return AuthResult(method="basic", claim=None, client_ip=ip)
         if s.require_token:
             raise CallbackRejected("callback carries no token", status=401, code="token_required")
         return AuthResult(method="none", claim=None, client_ip=ip)

@@ -209,6 +209,24 @@ def test_policy_shared_secret_header_or_query() -> None:
     assert exc.value.code == "secret_required"
 
 
+def test_policy_basic_and_shared_secret_together_require_both() -> None:
+    """Both configured: a callout must carry both; neither stands in for the other."""
+    auth, _ = make(basic_user="zuora", basic_password=SecretStr("pw"), shared_secret=SecretStr("s3cret"))
+    creds = {"Authorization": basic("zuora", "pw")}
+    both = auth.authenticate(query={}, headers={**creds, "X-Aqua-Pipeline-Secret": "s3cret"}, remote=None)
+    assert both.method == "basic+secret"
+    assert auth.authenticate(query={"secret": "s3cret"}, headers=creds, remote=None).method == "basic+secret"
+    for query, headers, code in [
+        ({}, creds, "secret_required"),
+        ({"secret": "nope"}, creds, "secret_invalid"),
+        ({"secret": "s3cret"}, {}, "auth_required"),  # the challenge first, so Zuora sends its credentials
+        ({"secret": "s3cret"}, {"Authorization": basic("zuora", "no")}, "auth_invalid"),
+    ]:
+        with pytest.raises(CallbackRejected) as exc:
+            auth.authenticate(query=query, headers=headers, remote=None)
+        assert exc.value.code == code, (query, headers)
+
+
 def test_policy_token_required() -> None:
     auth, _ = make()
     with pytest.raises(CallbackRejected) as exc:
