@@ -227,7 +227,7 @@ class CallbackAuthenticator:
             claim = self._signer.verify(tokens[0])
             return AuthResult(method="token", claim=claim, client_ip=ip)
         basic = s.basic_user is not None and s.basic_password is not None
-        if basic:
+        if s.basic_user is not None and s.basic_password is not None:
             authorization = _values(headers, "Authorization")
             check_basic(authorization[0] if len(authorization) == 1 else None, s.basic_user, s.basic_password)
         if s.shared_secret is not None:  # with Basic configured too, both are required

@@ -24,6 +24,7 @@ from itertools import repeat
 from typing import Literal
 
 from pipeline.errors import IntegrityError
+from pipeline.settings import NO_EXTENSIONS_VARIABLE
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ except ImportError:  # the extension is not built (a source tree used without in
 
 Engine = Literal["c", "python"]
 #: The engine a verifier uses unless told otherwise.
-DEFAULT_ENGINE: Engine = "c" if _csvscan is not None and not os.environ.get("AQUA_PIPELINE_NO_EXTENSIONS") else "python"
+DEFAULT_ENGINE: Engine = "c" if _csvscan is not None and not os.environ.get(NO_EXTENSIONS_VARIABLE) else "python"
 
 _QUOTE = 0x22
 _NL = 0x0A

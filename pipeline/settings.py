@@ -6,6 +6,7 @@ Every variable starts with ``AQUA_PIPELINE_``; nested groups use ``__``, e.g.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
@@ -39,6 +40,11 @@ DEV_SIGNING_KEY = "dev-signing-key-change-me"
 a service reachable from elsewhere refuses it (see :class:`Settings`)."""
 MIN_SIGNING_KEY = 16
 
+
+NO_EXTENSIONS_VARIABLE = "AQUA_PIPELINE_NO_EXTENSIONS"
+"""Set (to anything) to run the CSV verifier's pure-Python engine instead of its C extension."""
+OTHER_VARIABLES = frozenset({NO_EXTENSIONS_VARIABLE})
+"""``AQUA_PIPELINE_*`` variables read outside :class:`Settings`."""
 
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 """Routes of the service's own, besides the admin API under ``/admin/``: no callback path may take them."""
@@ -304,17 +310,22 @@ class SettingsError(Exception):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read and validate settings; raise :class:`SettingsError` naming each bad variable."""
+    """Read and validate settings; raise :class:`SettingsError` naming each bad variable (and each
+    ``AQUA_PIPELINE_*`` variable that is no setting at all, such as a misspelt one)."""
+    unknown = _unknown_variables()
+    if unknown:
+        raise SettingsError("invalid configuration: " + "; ".join(unknown))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
             if not err["loc"]:  # a rule across groups: its message names the variables itself
-                problems.append(err["msg"].removeprefix("Value error, "))
+                problems.append(msg)
                 continue
             var = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
-            problems.append(f"{var}: {err['msg']}")
+            problems.append(f"{var}: {msg}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
     except SourceError as exc:
         # pydantic-settings could not decode a list variable (it takes JSON) and names only the group
@@ -325,6 +336,31 @@ def load_settings(**overrides: object) -> Settings:
             "invalid configuration: "
             + "; ".join(f'{var}: a list takes JSON, e.g. {var}=\'["first", "second"]\'' for var in bad)
         ) from None
+
+
+def known_variables() -> frozenset[str]:
+    """Every ``AQUA_PIPELINE_*`` name this package reads: each setting, each group (as JSON), and
+    :data:`OTHER_VARIABLES`."""
+    names = set(OTHER_VARIABLES)
+    for group, gfield in Settings.model_fields.items():
+        names.add(f"{ENV_PREFIX}{group}".upper())
+        model = gfield.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names.update(f"{ENV_PREFIX}{group}__{name}".upper() for name in model.model_fields)
+    return frozenset(names)
+
+
+def _unknown_variables() -> list[str]:
+    """One problem per ``AQUA_PIPELINE_*`` variable that names nothing this package reads, with a guess."""
+    known = known_variables()
+    problems = []
+    for var in sorted(os.environ):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        guess = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+        problems.append(f"{var}: not a setting" + (f" (did you mean {guess[0]}?)" if guess else ""))
+    return problems
 
 
 def _non_json_list_variables() -> list[str]:

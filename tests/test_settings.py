@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.settings import RESERVED_PATHS, SettingsError, load_settings
+from pipeline.settings import RESERVED_PATHS, SettingsError, known_variables, load_settings
 
 
 def test_defaults_load() -> None:
@@ -127,7 +127,7 @@ def test_an_empty_basic_password_stops_start_up() -> None:
     os.environ["AQUA_PIPELINE_SECURITY__BASIC_PASSWORD"] = ""
     with pytest.raises(SettingsError) as err:
         load_settings()
-    assert "AQUA_PIPELINE_SECURITY__BASIC_PASSWORD: Value error, must not be empty" in str(err.value)
+    assert "AQUA_PIPELINE_SECURITY__BASIC_PASSWORD: must not be empty" in str(err.value)
 
 
 @pytest.mark.parametrize("base_url", ["https://hooks.example.com", "http://10.0.0.7:8080"])
@@ -174,3 +174,38 @@ def test_the_reserved_paths_are_every_route_of_the_service_but_the_callback() ->
     assert {p for p in others if not p.startswith("/admin/")} == set(RESERVED_PATHS)
     os.environ["AQUA_PIPELINE_HTTP__CALLBACK_PATH"] = "/zuora/hooks/"
     assert load_settings().http.callback_path == "/zuora/hooks/"
+
+
+@pytest.mark.parametrize(
+    ("variable", "said"),
+    [
+        ("AQUA_PIPELINE_S3_BUCKET", "did you mean AQUA_PIPELINE_S3__BUCKET?"),  # one underscore short
+        ("AQUA_PIPELINE_LOGLEVEL", "did you mean AQUA_PIPELINE_LOG_LEVEL?"),
+        ("AQUA_PIPELINE_SECURITY_ADMIN_TOKEN", "did you mean AQUA_PIPELINE_SECURITY__ADMIN_TOKEN?"),
+        ("AQUA_PIPELINE_COLOUR", "not a setting"),
+    ],
+)
+def test_a_variable_that_is_no_setting_stops_start_up(variable: str, said: str) -> None:
+    """A misspelt variable used to be ignored: the setting it meant kept its default (a bucket, no admin token)."""
+    os.environ[variable] = "x"
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert f"{variable}: not a setting" in str(err.value) and said in str(err.value)
+
+
+def test_every_documented_variable_is_known_and_group_json_too() -> None:
+    os.environ["AQUA_PIPELINE_S3"] = '{"bucket": "lake"}'  # a whole group as JSON is a setting too
+    os.environ["AQUA_PIPELINE_NO_EXTENSIONS"] = "1"
+    os.environ["aqua_pipeline_log_level"] = "DEBUG"  # names are case-insensitive, as pydantic-settings reads them
+    s = load_settings()
+    assert (s.s3.bucket, s.log_level) == ("lake", "DEBUG")
+    assert "AQUA_PIPELINE_HTTP__CALLBACK_PATH" in known_variables()
+
+
+def test_field_validator_messages_drop_pydantics_prefix() -> None:
+    os.environ["AQUA_PIPELINE_SECURITY__BASIC_USER"] = "zuora"
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "Value error" not in str(err.value) and "basic_user and basic_password must be set together" in str(
+        err.value
+    )
