@@ -38,7 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     AQUA_PIPELINE_LOG_FORMAT=json
 USER 10001:10001
 EXPOSE 8080
-# SIGTERM makes aiohttp's run_app shut down gracefully (stop accepting, drain, run cleanup contexts).
+# SIGTERM makes the service shut down gracefully (readiness off, drain, stop accepting, hand back unfinished jobs).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('AQUA_PIPELINE_HTTP__PORT', '8080'), timeout=4).close()"]

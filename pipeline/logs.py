@@ -84,7 +84,9 @@ def logging_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
         "loggers": {
             "aiobotocore": {"level": "WARNING"},
             "botocore": {"level": "WARNING"},
-            "aiohttp.access": {"level": "WARNING"},
+            # one line per request only at DEBUG: the callback route logs each callback it accepts or refuses
+            # itself, and at thousands of callbacks a second an access line each would double the log
+            "aiohttp.access": {"level": "INFO" if level == "DEBUG" else "WARNING"},
         },
     }
 

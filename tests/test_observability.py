@@ -13,14 +13,16 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from pipeline.app import STATE_KEY, create_app
+from pipeline.app import STATE_KEY, PathOnlyAccessLogger, create_app
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
 from pipeline.ledger import JobState
-from pipeline.logs import ContextFilter, JsonFormatter
+from pipeline.logs import ContextFilter, JsonFormatter, logging_config
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer, free_port
 from pipeline.testing.stack import running_stack, serve_app
@@ -224,3 +226,13 @@ assert seen and all(r.lineno == 0 and r.thread is None and r.process is None for
     )
     assert first["records"] == 3 and first["time"].endswith("+00:00")
     assert second["message"] == "failed" and "ZeroDivisionError" in second["exc"]
+
+
+def test_the_access_log_is_on_at_debug_only_and_keeps_query_strings_out(caplog: Any) -> None:
+    assert logging_config("DEBUG")["loggers"]["aiohttp.access"] == {"level": "INFO"}
+    assert logging_config("INFO")["loggers"]["aiohttp.access"] == {"level": "WARNING"}
+    request = make_mocked_request("GET", "/callbacks/aqua?token=SECRET-TOKEN&jobId=x")
+    logger = logging.getLogger("aiohttp.access.path-only-test")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        PathOnlyAccessLogger(logger, "").log(request, web.Response(status=202), 0.001)
+    assert "GET /callbacks/aqua 202" in caplog.text and "SECRET" not in caplog.text and "jobId" not in caplog.text
