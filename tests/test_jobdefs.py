@@ -191,6 +191,7 @@ def test_all_problems_collected_with_file_job_and_line(tmp_path: Path) -> None:
         ({"queries": [{**ACCOUNT_QUERY, "deleted": {"column": "D"}}]}, "(AQuA error 90012)"),
         ({"version": "1.1", "partner": "p", "project": "q", "offset": 9999}, "offset must be an integer between"),
         ({"format": "xml"}, "format must be one of"),
+        ({"format": "tsv"}, "format must be one of csv, zip, gzip"),  # the simulator's extension, not AQuA's
         ({"queries": [{**ACCOUNT_QUERY, "type": "sql"}]}, "query type must be zoql or zoqlexport"),
         ({"queries": [{**ACCOUNT_QUERY, "colour": "red"}]}, "queries[0].colour: unknown key"),
         (

@@ -12,7 +12,7 @@ import pytest
 from pipeline.aqua.models import Job, SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
 from pipeline.aqua.simulator.cli import add_simulator_arguments, build_config
-from pipeline.aqua.validation import SYNTAX_MESSAGE, ZoqlError, parse_zoql, validate_submit
+from pipeline.aqua.validation import SIMULATOR_FORMATS, SYNTAX_MESSAGE, ZoqlError, parse_zoql, validate_submit
 from tests.test_simulator import Sim, make_sim
 
 __all__ = ["make_sim"]
@@ -121,6 +121,7 @@ def errs(body: dict[str, Any]) -> list[str]:
         ({"name": "x" * 33, "queries": [Q]}, "90000"),
         ({"format": "XML", "queries": [Q]}, "90000"),
         ({"format": "GZIP", "queries": [Q]}, None),
+        ({"format": "tsv", "queries": [Q]}, "90000"),  # AQuA's formats: csv, zip, gzip (the simulator adds tsv)
         ({"queries": [{**Q, "type": "sql"}]}, "90000"),
         ({"queries": [{**Q, "name": f"q{i}"} for i in range(51)]}, "90004"),
         ({"queries": [{**Q, "name": f"q{i}"} for i in range(50)]}, None),
@@ -156,6 +157,36 @@ def errs(body: dict[str, Any]) -> list[str]:
 def test_validate_submit(body: dict[str, Any], code: str | None) -> None:
     codes = errs(body)
     assert codes == ([] if code is None else [code]) or (code is not None and code in codes), codes
+
+
+SEED_EXAMPLE = {  # the submit example of the API reference (shared/seeds/aqua-submit-job-api.txt), as sent
+    "dateTimeUtc": "true",
+    "encrypted": "none",
+    "format": "csv",
+    "name": "Example",
+    "partner": "salesforce",
+    "project": "00170000011K3Ub",
+    "queries": [
+        {
+            "name": "AccountingPeriod",
+            "query": "select Id,StartDate,EndDate,FiscalYear,Name,Status from AccountingPeriod",
+            "type": "zoqlexport",
+        }
+    ],
+    "sourceData": "LIVE",
+    "useQueryLabels": "true",
+    "version": "1.1",
+}
+
+
+async def test_the_api_references_own_example_is_accepted_and_runs(make_sim: SimFactory) -> None:
+    assert validate_submit(SEED_EXAMPLE) == []
+    assert validate_submit({**SEED_EXAMPLE, "format": "TSV"}, formats=SIMULATOR_FORMATS) == []
+    s = await make_sim()
+    job = await s.submit(SEED_EXAMPLE)
+    assert job["status"] == "submitted" and job["batches"][0]["name"] == "AccountingPeriod"
+    done = await s.finished(job["id"])
+    assert done["status"] == "completed" and done["batches"][0]["recordCount"] > 0
 
 
 def test_parse_zoql_columns_and_joins() -> None:

@@ -112,7 +112,7 @@ class Query(_In):
 class SubmitRequest(_In):
     """The body of ``POST /v1/batch-query/`` (REFERENCE.md §3.1)."""
 
-    format: Literal["csv", "zip", "gzip", "tsv"] = "csv"
+    format: Literal["csv", "zip", "gzip"] = "csv"  # what AQuA takes; the simulator's TSV is reached by raw bodies
     version: VersionStr = "1.0"
     name: str | None = None
     encrypted: Literal["none", "pgp"] | None = None

@@ -29,7 +29,10 @@ DELETED_UNSUPPORTED_MESSAGE = (
     "Remove Deleted section in the JSON request and retry the request"
 )
 VERSIONS = ("1.0", "1.1", "1.2")
-FORMATS = ("csv", "zip", "gzip", "tsv")
+FORMATS = ("csv", "zip", "gzip")
+"""The formats AQuA takes (REFERENCE.md §3.1)."""
+SIMULATOR_FORMATS = (*FORMATS, "tsv")
+"""The simulator's: AQuA's and its own extension, TSV (docs/simulator.md)."""
 QUERY_TYPES = ("zoql", "zoqlexport")
 
 DOES_NOT_SUPPORT_DELETED = frozenset(
@@ -279,11 +282,17 @@ def is_stateful(body: Mapping[str, Any]) -> bool:
 
 
 def validate_submit(
-    body: Mapping[str, Any], *, catalog: Catalog | None = None, joins: Joins | None = None, check_fields: bool = True
+    body: Mapping[str, Any],
+    *,
+    catalog: Catalog | None = None,
+    joins: Joins | None = None,
+    check_fields: bool = True,
+    formats: tuple[str, ...] = FORMATS,
 ) -> list[tuple[str, str]]:
     """Every problem with a submit body, as ``(errorCode, message)``; empty when AQuA would accept it.
 
-    ``check_fields=False`` skips the object/field existence check (for real tenants with other objects).
+    ``check_fields=False`` skips the object/field existence check (for real tenants with other objects);
+    ``formats``: the simulator passes :data:`SIMULATOR_FORMATS`.
     """
     errors: list[tuple[str, str]] = []
     if not isinstance(body, Mapping):
@@ -295,8 +304,8 @@ def validate_submit(
     if version not in VERSIONS:
         errors.append((INVALID_REQUEST, f"version must be one of {', '.join(VERSIONS)}"))
     fmt = body.get("format", "csv")
-    if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
-        errors.append((INVALID_REQUEST, "format must be one of csv, zip, gzip"))
+    if not isinstance(fmt, str) or fmt.lower() not in formats:
+        errors.append((INVALID_REQUEST, f"format must be one of {', '.join(formats)}"))
     source = body.get("sourceData")
     if source is not None and (not isinstance(source, str) or source.upper() != "LIVE"):
         errors.append((INVALID_REQUEST, "sourceData must be LIVE"))

@@ -14,6 +14,16 @@ from collections.abc import Mapping
 _DATES = {"CreatedDate": "created", "UpdatedDate": "updated"}
 
 OBJECTS: dict[str, dict[str, str]] = {
+    "AccountingPeriod": {  # the object of the API reference's own submit example (and without deleted rows)
+        "Id": "id",
+        "Name": "code:AP",
+        "StartDate": "date",
+        "EndDate": "date",
+        "FiscalYear": "int:2015:2027",
+        "Status": "enum:Open|Open|Closed|PendingClose",
+        "Notes": "text?",
+        **_DATES,
+    },
     "Account": {
         "Id": "id",
         "AccountNumber": "code:A",
@@ -120,6 +130,7 @@ OBJECTS: dict[str, dict[str, str]] = {
 """Object name -> field name -> generator kind."""
 
 JOINS: dict[str, dict[str, str]] = {
+    "AccountingPeriod": {},
     "Account": {"BillToContact": "Contact", "SoldToContact": "Contact", "ParentAccount": "Account"},
     "Contact": {"Account": "Account"},
     "Invoice": {"Account": "Account", "BillToContact": "Contact"},

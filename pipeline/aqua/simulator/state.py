@@ -18,6 +18,7 @@ from pipeline.aqua.simulator.config import Faults, SimulatorConfig
 from pipeline.aqua.simulator.data import FileSpec, Incremental, digest_sync, iter_file, text_size
 from pipeline.aqua.simulator.jobs import ACTIVE, DEFAULT_API_VERSION, BatchState, JobState, Session
 from pipeline.aqua.validation import (
+    SIMULATOR_FORMATS,
     as_bool,
     is_stateful,
     normalise_version,
@@ -97,7 +98,7 @@ class Simulator:
 
     def submit(self, body: dict[str, Any]) -> JobState:
         """Validate and start a job; raises :class:`SubmitError`."""
-        errors = validate_submit(body)
+        errors = validate_submit(body, formats=SIMULATOR_FORMATS)
         if errors:
             raise SubmitError(*errors[0])
         if self.active_jobs() >= self.config.max_concurrent_jobs:
