@@ -253,8 +253,9 @@ def test_policy_allowlist_comes_first() -> None:
     headers = CIMultiDict([("X-Forwarded-For", "203.0.113.1"), ("X-Forwarded-For", "192.0.2.7")])
     result = auth.authenticate(query={"token": token}, headers=headers, remote="10.0.0.5")
     assert (result.method, result.client_ip) == ("token", "192.0.2.7")
-    with pytest.raises(CallbackRejected):
+    with pytest.raises(CallbackRejected) as exc:
         auth.authenticate(query={"token": token}, headers={"X-Forwarded-For": "203.0.113.1"}, remote="10.0.0.5")
+    assert exc.value.code == "source_not_allowed"
 
 
 def test_policy_rejects_invalid_configuration() -> None:

@@ -244,7 +244,16 @@ async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) ->
         assert events[0]["data"]["message"]
 
 
-async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_server: MotoServer) -> None:
+@pytest.mark.parametrize(
+    ("fault", "value", "reason"),
+    [
+        ("cut_file_after_bytes", 1000, "AquaUnavailable"),  # the download is cut short
+        ("record_count_offset", 1, "IntegrityError"),  # the file is whole but AQuA's count does not match it
+    ],
+)
+async def test_a_file_that_fails_its_checks_publishes_failure_and_leaves_no_object(
+    moto_server: MotoServer, fault: str, value: int, reason: str
+) -> None:
     def one_try(s: Settings) -> Settings:
         return s.model_copy(
             update={
@@ -254,11 +263,11 @@ async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_
         )
 
     async with running_stack(moto_server.url, tweak=one_try) as stack:
-        stack.sim.faults.cut_file_after_bytes = 1000
+        setattr(stack.sim.faults, fault, value)
         _, item = await land(
             stack, request(queries=[{"name": "Account", "type": "zoqlexport", "query": "select Id, Name from Account"}])
         )
-        assert item.state == JobState.failed
+        assert (item.state, item.error_reason) == (JobState.failed, reason), item.error_message
         listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
         assert listed.get("KeyCount", 0) == 0
         uploads = await stack.clients.s3.list_multipart_uploads(Bucket=stack.settings.s3.bucket)
@@ -269,8 +278,11 @@ async def test_verification_failure_publishes_failure_and_leaves_no_object(moto_
 
 
 async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:
+    def short_visibility(s: Settings) -> Settings:  # the duplicates that lose the claim come back this soon
+        return s.model_copy(update={"queue": s.queue.model_copy(update={"visibility_timeout_s": 3})})
+
     # Workers race to claim the job: serialize DynamoDB so moto's claims are as exclusive as DynamoDB's.
-    async with running_stack(moto_server.url, atomic_dynamodb=True) as stack:
+    async with running_stack(moto_server.url, atomic_dynamodb=True, tweak=short_visibility) as stack:
         stack.sim.faults.lose_callbacks = True
         submitted = await stack.submit(request())
         job_id = submitted.job.id or ""
@@ -286,7 +298,7 @@ async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoSer
         assert all(s in (200, 202) for s in statuses), statuses
         item = await stack.wait_final(job_id)
         assert item.state == JobState.published
-        await asyncio.sleep(1.5)  # let the duplicate messages be seen and dropped
+        await stack.wait_drained(timeout_s=30)  # every duplicate message handled, not just hidden for later
         events = await stack.drain_events()
         assert len(events) == 1
         listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)

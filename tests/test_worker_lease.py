@@ -37,13 +37,26 @@ class Clock:
 
 class SlowQueue(WorkQueue):
     """A work queue whose heartbeat extensions (visibility > 0) wait ``extend_delay_s`` before reaching SQS (None:
-    forever, as a ChangeMessageVisibility that hangs); ``sent`` lists the visibilities that reached SQS, in order."""
+    forever, as a ChangeMessageVisibility that hangs); ``sent`` lists the visibilities that reached SQS, in order,
+    ``deleted`` the messages deleted."""
 
     def __init__(self, *args: Any, extend_delay_s: float | None = 0.0, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.extend_delay_s = extend_delay_s
         self.extending = asyncio.Event()
         self.sent: list[int] = []
+        self.deleted: list[str] = []
+
+    async def delete(self, receipt_handle: str) -> None:
+        self.deleted.append(receipt_handle)
+        await super().delete(receipt_handle)
+
+    async def in_flight(self) -> int:
+        """Messages received and not yet visible again (a handed-back message is one; a deleted one is not)."""
+        resp = await self.sqs.get_queue_attributes(
+            QueueUrl=self.queue_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
+        )
+        return int(resp["Attributes"]["ApproximateNumberOfMessagesNotVisible"])
 
     async def set_visibility(self, receipt_handle: str, seconds: int) -> None:
         if seconds > 0:
@@ -134,7 +147,8 @@ async def test_a_lease_taken_over_stops_the_work_and_hands_the_message_back(rig:
     assert transfer.cancelled_at is not None
     item = await rig.ledger.get(JOB)
     assert item is not None and (item.state, item.lease_owner) == (JobState.submitted, "other-replica")
-    assert queue.sent[-1] == retry_delay_s(1)  # handed back for a later retry, not deleted
+    assert queue.sent[-1] == retry_delay_s(1)  # handed back for a later retry ...
+    assert queue.deleted == [] and await queue.in_flight() == 1  # ... not deleted
 
 
 async def test_a_lease_that_cannot_be_extended_stops_the_work_before_it_lapses(rig: Rig) -> None:
@@ -151,6 +165,7 @@ async def test_a_lease_that_cannot_be_extended_stops_the_work_before_it_lapses(r
     item = await rig.ledger.get(JOB)
     assert item is not None and (item.state, item.lease_owner) == (JobState.submitted, None)  # released, not failed
     assert queue.sent[-1] == retry_delay_s(1)
+    assert queue.deleted == [] and await queue.in_flight() == 1  # handed back, not deleted
 
 
 async def test_no_heartbeat_lands_after_the_hand_back(rig: Rig) -> None:

@@ -114,6 +114,24 @@ class Stack:
             await asyncio.sleep(0.1)
         raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s")
 
+    async def wait_drained(self, *, timeout_s: float = 60) -> None:
+        """Wait until the work queue holds no message, visible, in flight or delayed: every work message, the
+        duplicates a worker set aside for later too, has been handled (read twice in a row, 0.2 s apart)."""
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        names.append("ApproximateNumberOfMessagesDelayed")
+        deadline = time.monotonic() + timeout_s
+        empty = 0
+        while time.monotonic() < deadline:
+            resp = await self.clients.sqs.get_queue_attributes(
+                QueueUrl=self.components.queue.queue_url, AttributeNames=names
+            )
+            counts = [int(resp["Attributes"].get(n, "0")) for n in names]
+            empty = empty + 1 if not any(counts) else 0
+            if empty == 2:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"work queue not drained within {timeout_s}s: {dict(zip(names, counts, strict=True))}")
+
     async def drain_events(self, *, wait_s: float = 1.0) -> list[dict[str, Any]]:
         """Every event now in the subscriber queue (SNS envelopes unwrapped), deleting them."""
         url = self.resources.subscriber_queue_url

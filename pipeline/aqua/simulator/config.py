@@ -63,6 +63,8 @@ class Faults(BaseModel):
     abort_batches: bool = False
     abort_query: str | None = None
     abort_message: str = "The query exceeded maximum processing time."
+    record_count_offset: int = 0
+    """Added to each completed batch's ``recordCount``: a count that does not match the file it describes."""
     batch_status_on_completed_job: dict[str, str] = Field(default_factory=dict)
     """Query name -> the status its batch ends with (no file) while the job still ends ``completed``: an AQuA
     answer the documented state machine does not produce (e.g. SDK3's ``deleted_notallowed``)."""

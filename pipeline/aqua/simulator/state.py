@@ -204,6 +204,7 @@ class Simulator:
                 batch.status = odd
                 continue
             self._complete_batch(job, batch, session)
+            batch.record_count += faults.record_count_offset
         await self._step()
         if not job.finished:
             self.finish(job, "completed")
