@@ -163,7 +163,9 @@ class JobProcessor:
         try:
             job = await self.aqua.get_job(job_id, track_id=track_id_var.get())
         except AquaNotFound as exc:
-            await self._fail(job_id, owner, reason="unknown_job", message=str(exc), job=None, lease_s=lease_s)
+            await self._fail(
+                job_id, owner, reason="unknown_job", message=str(exc), job=None, lease_s=lease_s, item=item
+            )
             return ProcessResult(Outcome.FAILED, reason="unknown_job")
         status = job.job_status
         if not job.finished:

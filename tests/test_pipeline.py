@@ -18,7 +18,7 @@ from pipeline.aqua.simulator import SimulatorConfig, file_digest
 from pipeline.errors import LedgerError
 from pipeline.events import event_id
 from pipeline.ledger import JobState
-from pipeline.models import EVENT_TYPE_COMPLETED
+from pipeline.models import EVENT_TYPE_COMPLETED, WorkMessage
 from pipeline.processor import Outcome
 from pipeline.settings import Settings
 from pipeline.testing.moto import MotoServer
@@ -249,6 +249,7 @@ async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) ->
     [
         ("cut_file_after_bytes", 1000, "AquaUnavailable"),  # the download is cut short
         ("record_count_offset", 1, "IntegrityError"),  # the file is whole but AQuA's count does not match it
+        ("files_over_limit", True, "AquaFileTooLarge"),  # AQuA's 403 on a file over 2,047 MB
     ],
 )
 async def test_a_file_that_fails_its_checks_publishes_failure_and_leaves_no_object(
@@ -275,6 +276,27 @@ async def test_a_file_that_fails_its_checks_publishes_failure_and_leaves_no_obje
         events = await stack.drain_events()
         assert [e["type"] for e in events] == ["com.zuora.aqua.export.failed"]
         assert events[0]["data"]["job_name"] == "e2e"  # from the ledger: subscribers filtering on it see failures
+
+
+async def test_a_job_aqua_does_not_know_fails_with_unknown_job(moto_server: MotoServer) -> None:
+    """In our ledger, unknown to AQuA (a 404 on re-reading it: another tenant's id, or purged): one failure event,
+    nothing stored, the message settled (not retried for ever)."""
+    async with running_stack(moto_server.url) as stack:
+        ghost = "0123456789abcdef0123456789abcdef"
+        c = stack.components
+        await c.ledger.record_submission(
+            ghost, submission_id="s-ghost", job_name="ghost", partner=None, project=None, request={}
+        )
+        await c.queue.send(WorkMessage(job_id=ghost, callback_status="completed"))
+        item = await stack.wait_final(ghost, timeout_s=30)
+        assert (item.state, item.error_reason) == (JobState.failed, "unknown_job"), item.error_message
+        await stack.wait_drained(timeout_s=30)
+        events = await stack.drain_events()
+        assert [(e["type"], e["data"]["job_id"], e["data"]["job_name"]) for e in events] == [
+            ("com.zuora.aqua.export.failed", ghost, "ghost")
+        ]
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0
 
 
 async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:
