@@ -306,9 +306,15 @@ async def _serve(settings: Settings) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.http.host, settings.http.port).start()
-    except BaseException:
+    except BaseException as exc:
         # the port is taken (say): the worker and reconciler already started, so stop them the graceful way
         await runner.cleanup()
+        if isinstance(exc, OSError):
+            raise OSError(
+                exc.errno,
+                f"cannot listen on {settings.http.host}:{settings.http.port} (AQUA_PIPELINE_HTTP__HOST, "
+                f"AQUA_PIPELINE_HTTP__PORT): {exc.strerror or exc}",
+            ) from exc
         raise
     log.info("serving on %s:%d", settings.http.host, settings.http.port)
     stop = asyncio.Event()

@@ -199,6 +199,14 @@ async def test_start_up_problems_are_one_clear_line(
             _, err = capsys.readouterr()
             (line,) = errors(err)
             assert line.startswith("aqua-pipeline: ") and "address already in use" in line, line
+            assert f"cannot listen on {stack.settings.http.host}:{taken.getsockname()[1]}" in line
+            assert "AQUA_PIPELINE_HTTP__PORT" in line
+        use(stack.settings)
+        os.environ["AQUA_PIPELINE_HTTP__HOST"] = "no-such-host.invalid"  # a name that does not resolve
+        assert await cli("serve") == 1
+        _, err = capsys.readouterr()
+        (line,) = errors(err)
+        assert "cannot listen on no-such-host.invalid:" in line and "AQUA_PIPELINE_HTTP__HOST" in line, line
         use(stack.settings)
 
         dead = f"http://127.0.0.1:{free_port()}"  # AWS unreachable: the work queue's address cannot be looked up

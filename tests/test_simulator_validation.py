@@ -214,3 +214,12 @@ def test_cli_builds_config() -> None:
     assert cfg.ui_callout is not None and cfg.ui_callout.url == "http://h/c"
     with pytest.raises(SystemExit):
         parser.parse_args(["--rows", "nonsense"])
+    bad = parser.parse_args(["--step-delay", "-1", "--fault", "cut_file_next=-3", "--fault", "nosuch=1"])
+    with pytest.raises(ValueError) as exc:  # one line naming each option, not pydantic's report
+        build_config(bad)
+    assert str(exc.value) == (
+        "--fault cut_file_next: Input should be greater than or equal to 0; --fault nosuch: Extra inputs are not "
+        "permitted"
+    )
+    with pytest.raises(ValueError, match=r"^--step-delay: Input should be greater than or equal to 0$"):
+        build_config(parser.parse_args(["--step-delay", "-1"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import orjson
@@ -73,8 +74,33 @@ def build_config(args: argparse.Namespace) -> SimulatorConfig:
             preemptive=args.ui_callout_preemptive,
             retry_interval_s=args.ui_callout_retry_interval,
         )
-    cfg["faults"] = Faults.model_validate({name: _value(raw) for name, raw in args.fault})
-    return SimulatorConfig.model_validate(cfg)
+    try:
+        cfg["faults"] = Faults.model_validate({name: _value(raw) for name, raw in args.fault})
+        return SimulatorConfig.model_validate(cfg)
+    except ValidationError as exc:
+        raise ValueError("; ".join(_problem(err) for err in exc.errors())) from None
+
+
+_OPTIONS = {
+    "seed": "--seed",
+    "rows": "--rows",
+    "default_rows": "--default-rows",
+    "step_delay_s": "--step-delay",
+    "segment_records": "--segment-records",
+    "ui_callout": "--ui-callout-*",
+}
+
+
+def _problem(err: Any) -> str:
+    """One pydantic error as ``--option: message`` (``--fault NAME: message`` for a fault)."""
+    loc = [str(p) for p in err["loc"]]
+    if not loc:
+        where = "options"
+    elif loc[0] in _OPTIONS:
+        where = _OPTIONS[loc[0]]
+    else:  # a fault: Faults validates alone, so its location is the fault's own name
+        where = f"--fault {'.'.join(loc)}"
+    return f"{where}: {err['msg']}"
 
 
 def run_simulator(args: argparse.Namespace) -> int:
@@ -82,7 +108,7 @@ def run_simulator(args: argparse.Namespace) -> int:
     try:
         config = build_config(args)
     except (ValueError, ValidationError) as exc:
-        print(f"aqua-pipeline simulator: {exc}")
+        print(f"aqua-pipeline simulator: {exc}", file=sys.stderr)
         return 2
     base = f"http://{args.host}:{args.port}"
     print(f"AQuA simulator on {base}  client_id={config.client_id}  client_secret={config.client_secret}", flush=True)
