@@ -51,8 +51,10 @@ async def _with_components(settings: Settings, fn: Callable[[Components], Awaita
     from pipeline.app import build_components
     from pipeline.metrics import Metrics
 
+    # The operator commands publish no event (the service's worker does): they need no events address.
+    quiet = settings.model_copy(update={"events": settings.events.model_copy(update={"target": "none"})})
     async with AsyncExitStack() as stack:
-        c = await build_components(settings, stack, Metrics())
+        c = await build_components(quiet, stack, Metrics())
         return await fn(c)
 
 
