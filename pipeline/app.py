@@ -118,6 +118,7 @@ def create_app(
             fast_path = TokenCallbackBatcher(
                 c.ledger,
                 max_items=settings.ledger.callback_batch_items,
+                max_calls=settings.ledger.callback_max_calls,
                 linger_s=settings.ledger.callback_linger_ms / 1000,
             )
             recorder = app[RECORDER_KEY] = CallbackRecorder(c.ledger, fast_path, metrics=metrics)

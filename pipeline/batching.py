@@ -17,9 +17,13 @@ caller about as much CPU whatever its size):
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -101,13 +105,16 @@ class NaturalBatcher(Generic[T, R]):
     def _kick(self) -> None:
         """Start a call if one may go out now; else, if one may later, wake up when the oldest item has waited
         ``linger_s``."""
+        # A call serves many callers, so it runs in a context of its own, not in that of whichever caller
+        # happened to start it: its log lines must not carry one caller's job and track ids.
         if self._may_call(len(self._drains)):
-            task = asyncio.create_task(self._drain(), name=self._name)
+            task = asyncio.create_task(self._drain(), name=self._name, context=contextvars.Context())
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         elif self._waiting and len(self._drains) < self._max_calls and self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(self._waiting[0].since + self._linger_s, self._wake)
+            when = self._waiting[0].since + self._linger_s
+            self._timer = loop.call_at(when, self._wake, context=contextvars.Context())
 
     def _wake(self) -> None:
         self._timer = None
@@ -127,7 +134,13 @@ class NaturalBatcher(Generic[T, R]):
                 batch, self._waiting = self._take(self._waiting)
                 try:
                     await self._send(batch)
-                except BaseException as exc:
+                except Exception as exc:  # a sender that should have settled its batch raised: a bug
+                    log.exception("%s: a call raised; its %d items fail, the others go on", self._name, len(batch))
+                    err = self._error(exc)
+                    for entry in batch:
+                        entry.fail(err)
+                    self._waiting = [w for w in self._waiting if not w.future.done()]
+                except BaseException as exc:  # cancelled (shutdown): whatever waits must not wait for ever
                     err = self._error(exc)
                     for entry in batch + self._waiting:
                         entry.fail(err)

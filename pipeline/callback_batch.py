@@ -57,6 +57,8 @@ class TokenCallbackBatcher:
         )
         self.transactions = 0  # TransactWriteItems calls made, for tests
         self.batched = 0  # callbacks those calls counted
+        self.max_calls = max_calls
+        """Ledger calls in flight at most."""
 
     async def record(
         self, job_id: str, *, submission_id: str, status: str | None, notification_id: str | None

@@ -174,6 +174,9 @@ class LedgerSettings(_Group):
     retention_days: int = Field(default=30, ge=1)
     callback_batch_items: int = Field(default=25, ge=1, le=100)
     callback_linger_ms: float = Field(default=1.0, ge=0, le=100)
+    callback_max_calls: int = Field(default=2, ge=1, le=16)
+    """Ledger calls the callback route may have in flight at once: with 2, one slow call (a stalled connection
+    waits out the read timeout) does not hold up every other token callback of the replica."""
     token_callbacks_at: Literal["receiver", "worker"] = "receiver"
 
 

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from pipeline.batching import NaturalBatcher, Waiting, first
+from pipeline.logs import bound, job_id_var
 
 
 def gated_batcher(gate: asyncio.Event, sent: list[list[int]]) -> NaturalBatcher[int, int]:
@@ -144,3 +145,48 @@ async def test_an_item_that_lingers_past_the_last_call_still_goes() -> None:
     gate.set()  # the call in flight ends well within the second item's linger
     assert await asyncio.wait_for(asyncio.gather(first_call, second), 5) == [1, 2]
     assert sent == [[1], [2]] and loop.time() - t0 >= 0.2
+
+
+async def test_a_call_does_not_run_in_the_context_of_the_caller_that_started_it() -> None:
+    """One call serves several callers: its log lines must not carry the first caller's job id."""
+    seen: list[str | None] = []
+
+    async def send(batch: list[Waiting[int, int]]) -> None:
+        await asyncio.sleep(0.01)
+        seen.append(job_id_var.get())
+        for w in batch:
+            w.settle(w.item)
+
+    for linger_s in (0.0, 0.005):  # a call started at once, and one started by the linger timer
+        batcher = NaturalBatcher(send, first(10), error=RuntimeError, max_calls=1, linger_s=linger_s)
+
+        async def caller(b: NaturalBatcher[int, int], i: int) -> int:
+            with bound(job_id=f"job-{i}"):
+                return await b.submit(i)
+
+        assert await asyncio.gather(*(caller(batcher, i) for i in range(5))) == list(range(5))
+    assert seen and set(seen) == {None}
+
+
+async def test_a_sender_that_raises_fails_its_own_batch_only(caplog: Any) -> None:
+    """A bug in a sender fails the items of that call; items waiting for a later call still get one."""
+    gate, sent = asyncio.Event(), []
+
+    async def send(batch: list[Waiting[int, int]]) -> None:
+        await gate.wait()
+        sent.append([w.item for w in batch])
+        if batch[0].item == 1:
+            raise KeyError("no MessageId in the answer")
+        for w in batch:
+            w.settle(w.item)
+
+    batcher = NaturalBatcher(send, first(10), error=RuntimeError, max_calls=1)
+    first_call = asyncio.create_task(batcher.submit(1))
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first_call, *later, return_exceptions=True), 2)
+    assert isinstance(results[0], RuntimeError) and results[1:] == [2, 3]
+    assert sent == [[1], [2, 3]]
+    assert "a call raised; its 1 items fail" in caplog.text

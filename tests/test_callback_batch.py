@@ -185,3 +185,46 @@ async def test_notification_ids_and_batching_off_take_the_single_call() -> None:
     assert led.batches == [] and sorted(led.singles) == ["a", "b", "c", "d"]
     with pytest.raises(ValueError):
         TokenCallbackBatcher(led, max_items=101)  # type: ignore[arg-type]
+
+
+class StallingLedger:
+    """Counts every callback at once, except job ``stalled``, whose UpdateItem hangs until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def record_token_callback(self, job_id: str, **_: Any) -> CallbackRecord:
+        if job_id == "stalled":
+            await self.release.wait()
+        return CallbackRecord(duplicate=False, state=JobState.notified, created=False, callback_count=1)
+
+    async def record_token_callbacks(self, calls: Sequence[TokenCallback]) -> list[Any]:
+        return [CallbackRecord(False, JobState.notified, False, None)] * len(calls)
+
+
+@pytest.mark.parametrize("max_calls", [2, 4])
+async def test_one_stalled_ledger_call_does_not_hold_up_the_others(max_calls: int) -> None:
+    """A stalled connection waits out the read timeout (a minute, times the retries): with one call slot, every
+    token callback of the replica would wait behind it."""
+    ledger = StallingLedger()
+    batcher = TokenCallbackBatcher(ledger, max_items=25, max_calls=max_calls, linger_s=0.001)  # type: ignore[arg-type]
+    stalled = asyncio.create_task(batcher.record("stalled", submission_id="s", status=None, notification_id=None))
+    await asyncio.sleep(0.05)
+    others = [batcher.record(f"job-{i}", submission_id="s", status=None, notification_id=None) for i in range(20)]
+    counted = await asyncio.wait_for(asyncio.gather(*others), 5)  # not behind the stalled call
+    assert len(counted) == 20 and not stalled.done()
+    ledger.release.set()
+    assert (await stalled) is not None
+
+
+async def test_one_call_slot_is_what_the_stalled_call_blocks() -> None:
+    """The same with ``max_calls=1``: the others wait (what the default of 2 avoids)."""
+    ledger = StallingLedger()
+    batcher = TokenCallbackBatcher(ledger, max_items=25, max_calls=1, linger_s=0.001)  # type: ignore[arg-type]
+    stalled = asyncio.create_task(batcher.record("stalled", submission_id="s", status=None, notification_id=None))
+    await asyncio.sleep(0.05)
+    other = asyncio.ensure_future(batcher.record("job-1", submission_id="s", status=None, notification_id=None))
+    await asyncio.sleep(0.3)
+    assert not other.done()
+    ledger.release.set()
+    await asyncio.gather(stalled, other)

@@ -18,7 +18,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from pipeline.app import STATE_KEY, PathOnlyAccessLogger, create_app
+from pipeline.app import RECORDER_KEY, STATE_KEY, PathOnlyAccessLogger, create_app
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
 from pipeline.ledger import JobState
@@ -155,6 +155,8 @@ async def test_health_and_readiness(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url, run_worker=False) as stack, aiohttp.ClientSession() as http:
         async with http.get(stack.service_url + "/healthz") as resp:
             assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        assert stack.app is not None  # the callback route's ledger batcher has its setting's call slots
+        assert stack.app[RECORDER_KEY].fast_path.max_calls == stack.settings.ledger.callback_max_calls == 2
         # An Expect header other than 100-continue gets the JSON error shape too (aiohttp's own 417 is text/plain)
         for path in ("/healthz", "/admin/jobs", stack.settings.http.callback_path):
             async with http.get(stack.service_url + path, headers={"Expect": "0"}) as resp:
