@@ -3,6 +3,8 @@ an expression builder, and :class:`DynamoTable`, which translates botocore error
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -89,6 +91,12 @@ class ConditionFailed(Exception):
         self.item = item
 
 
+CONFLICT_ATTEMPTS = 4
+"""Attempts of a write that DynamoDB refuses with ``TransactionConflictException``: it conflicted with a
+transaction in flight on the same item, which botocore's retries do not cover."""
+CONFLICT_BACKOFF_S = 0.05
+
+
 class DynamoTable:
     """One table, reached through an injected client; every call's botocore error becomes a LedgerError."""
 
@@ -102,15 +110,23 @@ class DynamoTable:
         return self._table
 
     async def _call(self, op: str, **kw: Any) -> dict[str, Any]:
-        try:
-            result: dict[str, Any] = await getattr(self._ddb, op)(TableName=self._table, **kw)
-            return result
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                raise ConditionFailed(exc.response.get("Item")) from exc
-            raise self._failed(op, exc) from exc
-        except BotoCoreError as exc:
-            raise self._failed(op, exc) from exc
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                result: dict[str, Any] = await getattr(self._ddb, op)(TableName=self._table, **kw)
+                return result
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code == "ConditionalCheckFailedException":
+                    raise ConditionFailed(exc.response.get("Item")) from exc
+                if code == "TransactionConflictException" and attempt < CONFLICT_ATTEMPTS:
+                    # a transaction on the same item was in flight (the callback route's batched counts): it
+                    # ends in milliseconds, and botocore does not retry this code itself
+                    await asyncio.sleep(random.uniform(0.5, 1.0) * CONFLICT_BACKOFF_S * attempt)
+                    continue
+                raise self._failed(op, exc) from exc
+            except BotoCoreError as exc:
+                raise self._failed(op, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _scan_items(self, filter_expr: str, e: Expr) -> list[dict[str, Any]]:
         """Every item matching ``filter_expr`` (a full, paginated Scan), as DynamoDB returned them."""

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
 
 from pipeline.admin import error_of
-from pipeline.aws import AwsClients
-from pipeline.dynamo import Expr
+from pipeline.aws import AwsClients, open_clients
+from pipeline.dynamo import CONFLICT_ATTEMPTS, Expr
 from pipeline.errors import JobBusy, JobNotInLedger, LedgerError
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
 from pipeline.settings import LedgerSettings
+from pipeline.testing.faultproxy import FAULTPROXY_KEY, create_faultproxy_app
+from pipeline.testing.moto import free_port
+from pipeline.testing.stack import serve_app
 
 T0 = 4_000_000_000.0  # far future: TTL never removes test items
 JOB = "2c92c0f8697096be016971cca2091244"
@@ -455,3 +459,26 @@ async def test_a_session_record_never_moves_back_to_an_older_job(ledger: JobLedg
     await ledger.record_session_completion("p", "q", "job3", "2025-03-03 02:00:04")
     session = await ledger.get_session("p", "q")
     assert session is not None and session.last_job_id == "job3"
+
+
+async def test_a_write_that_meets_a_transaction_in_flight_is_tried_again(aws_settings: Any, unique: str) -> None:
+    """DynamoDB refuses a plain write to an item a transaction is writing (``TransactionConflictException``, 400;
+    the callback route batches counts in transactions) and botocore does not retry that code: the ledger does,
+    a few times, before it gives up with a LedgerError."""
+    async with AsyncExitStack() as stack:
+        proxy_app = create_faultproxy_app(aws_settings.endpoint_url or "")
+        url = await serve_app(stack, proxy_app, free_port())
+        clients = await open_clients(stack, aws_settings.model_copy(update={"endpoint_url": url}))
+        led = JobLedger(clients.dynamodb, LedgerSettings(table_name=f"conflict-{unique}"))
+        await led.ensure_table()
+        proxy = proxy_app[FAULTPROXY_KEY]
+        conflict = {"status": 400, "code": "TransactionConflictException"}
+        proxy.add("dynamodb", "UpdateItem", count=CONFLICT_ATTEMPTS - 1, **conflict)
+        assert await led.record_submission(
+            JOB, submission_id="s", job_name="n", partner=None, project=None, request=None
+        )
+        assert proxy.faulted[("dynamodb", "UpdateItem")] == CONFLICT_ATTEMPTS - 1
+        proxy.add("dynamodb", "UpdateItem", count=CONFLICT_ATTEMPTS, **conflict)
+        with pytest.raises(LedgerError, match="TransactionConflictException"):
+            await led.claim(JOB, "w1", 30)
+        await clients.dynamodb.delete_table(TableName=led.table_name)
