@@ -308,6 +308,8 @@ class JobProcessor:
         if not is_stateful(job) or not job.id:
             return True
         partner, project = job.partner or "", job.project or ""
+        if not await self._first_in_line(partner, project, job.id):
+            return False
         if await self.ledger.acquire_session(partner, project, job.id):
             return True
         session = await self.ledger.get_session(partner, project)
@@ -320,10 +322,30 @@ class JobProcessor:
                 return await self.ledger.acquire_session(partner, project, job.id)
         return False
 
+    async def _first_in_line(self, partner: str, project: str, job_id: str) -> bool:
+        """False while a job submitted to the session before ``job_id`` has not landed: AQuA ran that one first,
+        so it lands first, whatever delayed it here (a retry, a slower worker, a lost callback). A job this
+        service did not submit has no place in the line. An earlier job the ledger has as done, or no longer has,
+        is taken out of the line (it ended without saying so, e.g. a crash just after it landed)."""
+        session = await self.ledger.get_session(partner, project)
+        line = session.pending if session else {}
+        if job_id not in line:
+            return True
+        mine = (line[job_id], job_id)
+        for _, earlier in sorted((line[other], other) for other in line if (line[other], other) < mine):
+            item = await self.ledger.get(earlier)
+            if item is None or item.done:
+                await self.ledger.remove_session_job(partner, project, earlier)
+                continue
+            log.info("session %s/%s: waiting for job %s, submitted before this one", partner, project, earlier)
+            return False
+        return True
+
     async def _end_session(self, job_id: str, partner: str | None, project: str | None, start: str | None) -> None:
         if partner and project:
             if start is not None:
                 await self.ledger.record_session_completion(partner, project, job_id, start)
+            await self.ledger.remove_session_job(partner, project, job_id)
             await self.ledger.release_session(partner, project, job_id)
 
     async def _complete(

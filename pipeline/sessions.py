@@ -1,10 +1,11 @@
 """Stateful AQuA sessions in the ledger table: one item per (partner, project) (``session#{partner}#{project}``)
-that says which job holds the session and which job completed it last."""
+that says which job holds the session, which job completed it last, and the jobs this service submitted to it
+that have not landed yet (``pending``: job id -> submit time), so they land in the order AQuA ran them."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -24,6 +25,8 @@ class SessionRecord:
     last_job_id: str | None
     last_transaction_start: str | None
     last_completed_at: float | None
+    pending: dict[str, float] = field(default_factory=dict)
+    """Jobs submitted to the session by this service and not landed yet: job id -> submit time."""
 
 
 class SessionLedger(DynamoTable):
@@ -40,6 +43,24 @@ class SessionLedger(DynamoTable):
         update = f"SET {e.sets({**values, 'acquired_at': self._clock()})}"
         cond = f"attribute_not_exists({e.n('holder_job_id')}) OR {e.n('holder_job_id')} = {e.v(job_id)}"
         return await self._update_if(self._session_key(partner, project), e, update, condition=cond)
+
+    async def add_session_job(self, partner: str, project: str, job_id: str, submitted_at: float) -> None:
+        """Put ``job_id`` in the session's line (idempotent: a second call keeps the first submit time)."""
+        key = self._session_key(partner, project)
+        e = Expr()  # a map's key can be set only once the map exists, and not in the update that makes it
+        fields = {"kind": "session", "partner": partner, "project": project, "pending": {}}
+        await self._update_if(key, e, f"SET {e.sets(fields)}", condition=f"attribute_not_exists({e.n('pending')})")
+        e = Expr()
+        slot = f"{e.n('pending')}.{e.n(job_id)}"
+        await self._update(key, e, f"SET {slot} = if_not_exists({slot}, {e.v(submitted_at)})")
+
+    async def remove_session_job(self, partner: str, project: str, job_id: str) -> None:
+        """Take ``job_id`` out of the session's line (it landed, or failed for good)."""
+        e = Expr()
+        update = f"REMOVE {e.n('pending')}.{e.n(job_id)}"
+        await self._update_if(
+            self._session_key(partner, project), e, update, condition=f"attribute_exists({e.n('pending')})"
+        )
 
     async def release_session(self, partner: str, project: str, job_id: str) -> bool:
         """Let go of the session; False if ``job_id`` did not hold it."""
@@ -90,4 +111,5 @@ class SessionLedger(DynamoTable):
             last_job_id=raw.get("last_job_id"),
             last_transaction_start=raw.get("last_transaction_start"),
             last_completed_at=raw.get("last_completed_at"),
+            pending={str(k): float(v) for k, v in (raw.get("pending") or {}).items()},
         )

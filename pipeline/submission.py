@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
@@ -140,6 +141,10 @@ class Submitter:
             project=request.project,
             request=pending.request,
         )
+        if request.stateful and request.partner and request.project:
+            # AQuA runs a session's jobs in the order it got them: they are landed in that order too
+            submitted_at = pending.pending_since or time.time()
+            await self.ledger.add_session_job(request.partner, request.project, job.id, submitted_at)
         if not await self.ledger.bind_submission(pending.submission_id, job.id):
             raise LedgerError(f"submission {pending.submission_id[:8]} is bound to a job other than {job.id}")
 

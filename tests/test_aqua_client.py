@@ -695,3 +695,21 @@ async def test_a_malformed_response_does_not_leak_the_bearer_token(
     assert bearer not in str(err.value)
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
     assert not [r.getMessage() for r in caplog.records if bearer in r.getMessage()]
+
+
+def test_retry_after_values_that_are_not_a_finite_delay_are_ignored_or_capped() -> None:
+    """``1e400`` parses as infinity and ``nan`` as NaN: either would crash the worker's settlement (int()) and
+    shut the token endpoint until a restart."""
+    from pipeline.aqua.auth import MAX_RETRY_AFTER_S, parse_retry_after
+
+    assert [parse_retry_after(v) for v in ("1e400", "inf", "nan", "-5", "2.5", "", None, "Wed, 21 Oct 2015")] == [
+        None,
+        None,
+        None,
+        0.0,
+        2.5,
+        None,
+        None,
+        None,
+    ]
+    assert parse_retry_after("86400") == MAX_RETRY_AFTER_S == 3600.0

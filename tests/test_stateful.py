@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
+from pipeline.errors import AquaUnavailable
 from pipeline.ledger import JobState
+from pipeline.processor import Outcome
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import running_stack
 
@@ -88,8 +90,9 @@ async def test_two_jobs_of_one_session_never_land_at_once(moto_server: MotoServe
         assert [m.objects[0].full for m in manifests] == [True, False]
         assert all(m.objects[0].deleted_column == "IsDeleted" for m in manifests)
         assert manifests[1].record_count < manifests[0].record_count
+        await stack.wait_drained()  # a job is marked published before it lets go of the session
         session = await c.ledger.get_session("examplepartner", "proj-a")
-        assert session is not None and session.holder_job_id is None
+        assert session is not None and session.holder_job_id is None, (ids, session)
         assert session.last_job_id in ids
         events = await stack.drain_events()
         assert sorted(e["data"]["job_id"] for e in events) == sorted(ids)
@@ -136,3 +139,50 @@ async def test_a_session_that_cannot_be_closed_does_not_unpublish_the_job(
             await c.processor.process(second, owner="w2", lease_s=30, final_attempt=False)
         ).outcome is Outcome.PUBLISHED
         assert len(await stack.drain_events()) == 2
+
+
+async def test_the_jobs_of_a_session_land_in_the_order_aqua_ran_them(moto_server: MotoServer) -> None:
+    """A (the full load) and B (an increment on it) both finished in AQuA. A's first attempt meets a transient
+    AQuA error; B must not land meanwhile (a consumer applying the events in order would put A's older full load
+    over B's changes): it waits, A lands, then B."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        a = (await stack.submit(stateful("in-order"))).job.id or ""
+        b = (await stack.submit(stateful("in-order", queries=False))).job.id or ""
+        for job_id in (a, b):
+            await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=30)
+        session = await c.ledger.get_session("examplepartner", "in-order")
+        assert session is not None and list(session.pending) == [a, b]
+
+        real = c.aqua.get_job
+        fails = [AquaUnavailable("AQuA answered 502")]
+
+        async def flaky(job_id: str, **kw: Any) -> Any:
+            if job_id == a and fails:
+                raise fails.pop()
+            return await real(job_id, **kw)
+
+        c.aqua.get_job = flaky  # type: ignore[method-assign]
+        outcomes = [(await c.processor.process(j, owner=w, lease_s=30, final_attempt=False)).outcome
+                    for j, w in ((a, "w1"), (b, "w2"), (a, "w3"), (b, "w4"))]  # fmt: skip
+        assert outcomes == [Outcome.RETRY, Outcome.BUSY, Outcome.PUBLISHED, Outcome.PUBLISHED]
+        events = await stack.drain_events()
+        assert [e["data"]["job_id"] for e in events] == [a, b]
+        session = await c.ledger.get_session("examplepartner", "in-order")
+        assert session is not None and session.pending == {} and session.last_job_id == b
+
+
+async def test_an_earlier_job_that_ended_unseen_does_not_block_the_session(moto_server: MotoServer) -> None:
+    """The line keeps a job that ended without taking itself out (a crash just after it landed, an expired
+    ledger item): the next job finds it done, or gone, and takes it out instead of waiting for ever."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        c = stack.components
+        stack.sim.faults.lose_callbacks = True
+        b = (await stack.submit(stateful("stale-line"))).job.id or ""
+        await c.aqua.wait_for_job(b, poll_interval_s=0.02, timeout_s=30)
+        await c.ledger.add_session_job("examplepartner", "stale-line", "f" * 32, 1.0)  # earlier, not in the ledger
+        result = await c.processor.process(b, owner="w1", lease_s=30, final_attempt=False)
+        assert result.outcome is Outcome.PUBLISHED
+        session = await c.ledger.get_session("examplepartner", "stale-line")
+        assert session is not None and session.pending == {}

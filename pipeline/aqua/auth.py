@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,15 +35,22 @@ def describe_error(exc: BaseException) -> str:
     return repr(exc)
 
 
+MAX_RETRY_AFTER_S = 3600.0
+"""The longest ``Retry-After`` taken as given; a longer one is cut to this."""
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds only; an HTTP date is ignored)."""
+    """Seconds from a ``Retry-After`` header (delta-seconds only; an HTTP date, ``nan`` or ``inf`` is ignored),
+    at most :data:`MAX_RETRY_AFTER_S`."""
     if not value:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
         return None
-    return max(seconds, 0.0)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class TokenCache:
