@@ -13,6 +13,7 @@ import boto3
 import orjson
 import pytest
 
+from pipeline.app import METRICS_KEY
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig, file_digest
 from pipeline.errors import LedgerError
@@ -297,6 +298,37 @@ async def test_a_job_aqua_does_not_know_fails_with_unknown_job(moto_server: Moto
         ]
         listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
         assert listed.get("KeyCount", 0) == 0
+
+
+async def test_jobs_land_while_the_tenant_is_over_its_concurrent_request_limit(moto_server: MotoServer) -> None:
+    """Another client of the tenant holds its one concurrent request (REFERENCE.md §10.2): the worker's job reads
+    and downloads get 429 + Retry-After, are tried again, and every job lands once the request is let go."""
+    cfg = SimulatorConfig(rows={"Account": 300, "Invoice": 200}, step_delay_s=0.01, concurrent_request_limit=1)
+    async with running_stack(moto_server.url, sim_config=cfg) as stack:
+        stack.sim.faults.lose_callbacks = True
+        subs = [await stack.submit(request(f"limited-{i}")) for i in range(3)]
+        ids = [s.job.id or "" for s in subs]
+        jobs = [await stack.components.aqua.wait_for_job(i, poll_interval_s=0.05, timeout_s=30) for i in ids]
+        file_url = f"{stack.sim_url}/v1/files/{jobs[0].batches[0].file_ids[0]}"
+        creds = {"apiAccessKeyId": cfg.client_id, "apiSecretAccessKey": cfg.client_secret}
+        async with aiohttp.ClientSession() as http:
+            stack.sim.faults.trickle_bytes_per_s = 100  # read when a download starts: this one only
+            async with http.get(file_url, headers=creds) as held:
+                assert held.status == 200
+                stack.sim.faults.trickle_bytes_per_s = None
+                for sub, job_id in zip(subs, ids, strict=True):
+                    url = sub.notify_url.replace("${JOBID}", job_id).replace("${STATUS}", "completed")
+                    async with http.get(url) as resp:
+                        assert resp.status == 202
+                await asyncio.sleep(1.5)
+                held_back = [await stack.components.ledger.get(i) for i in ids]
+                assert all(i is not None and not i.done for i in held_back)
+        items = [await stack.wait_final(i, timeout_s=60) for i in ids]
+        assert [i.state for i in items] == [JobState.published] * 3
+        assert stack.app is not None
+        metrics = stack.app[METRICS_KEY]
+        assert metrics.upstream_retries.labels("rate_limited")._value.get() >= 1
+        assert sorted(e["data"]["job_id"] for e in await stack.drain_events()) == sorted(ids)
 
 
 async def test_ten_concurrent_identical_callbacks_land_once(moto_server: MotoServer) -> None:

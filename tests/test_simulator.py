@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import hashlib
 import io
@@ -217,6 +219,32 @@ async def test_rate_limit_per_minute(make_sim: Callable[..., Awaitable[Sim]]) ->
     s.sim.clock.advance(61)
     async with s.http.get(s.url("/v1/batch-query/jobs/" + "c" * 32), headers=s.auth) as resp:
         assert resp.status == 404
+
+
+async def test_concurrent_request_limit(make_sim: Callable[..., Awaitable[Sim]]) -> None:
+    """Over the tenant's concurrent requests a request gets 429 + Retry-After (REFERENCE.md §10.2); a token fetch
+    is not counted, and the limit lifts as the requests in flight end."""
+    s = await make_sim(sim_cfg(concurrent_request_limit=2, rows={"Account": 50}))
+    job = await s.finished((await s.submit({"queries": [ACCOUNT_QUERY]}))["id"])
+    file_url = s.url(f"/v1/files/{job['batches'][0]['fileId']}")
+    s.sim.faults.trickle_bytes_per_s = 200  # the downloads stay in flight while the test holds them open
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(2):
+            resp = await held.enter_async_context(s.http.get(file_url, headers=s.auth))
+            assert resp.status == 200
+        async with s.http.get(s.url(f"/v1/batch-query/jobs/{job['id']}"), headers=s.auth) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "1"
+            assert resp.headers["Concurrency-Limit-Remaining"] == "0"
+            body = await resp.json()
+            assert body["code"] == "REQUEST_EXCEEDED_LIMIT" and "concurrent requests" in body["message"]
+        await s.login()  # the token endpoint is not subject to the limit
+    for _ in range(50):  # the server sees the closed downloads at its next write, within a tenth of a second
+        async with s.http.get(s.url(f"/v1/batch-query/jobs/{job['id']}"), headers=s.auth) as resp:
+            if resp.status != 429:
+                break
+        await asyncio.sleep(0.05)
+    assert resp.status == 200
 
 
 async def test_submit_paths_and_job_endpoints(make_sim: Callable[..., Awaitable[Sim]]) -> None:

@@ -28,7 +28,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WWW_AUTHENTICATE = "Basic realm=Zuora API, ZSession realm=Zuora API, Bearer realm=Zuora API"
 FILE_PREFIXES = ("/v1/files/", "/v1/file/", "/apps/api/file/", "/apps/api/batch-query/file/")
 OVER_LIMIT_BODY = "<security:max-object-size>2047MB</security:max-object-size>"
-CONCURRENCY_LIMIT = 40
 _BAD_TRACK = set(":;\"'")
 
 
@@ -64,6 +63,8 @@ async def zuora_middleware(request: web.Request, handler: Handler) -> web.Stream
     if now - window.start >= 60:
         window.start, window.count = now, 0
     window.count += 1
+    if request.path == "/oauth/token":  # the token endpoint is not subject to the concurrency limit (REFERENCE.md §2.1)
+        return await _guarded(request, handler, sim)
     window.inflight += 1
     try:
         return await _guarded(request, handler, sim)
@@ -91,12 +92,13 @@ async def add_zuora_headers(request: web.Request, resp: web.StreamResponse) -> N
     resp.headers["RateLimit-Reset"] = str(max(1, int(60 - (sim.clock.now() - window.start))))
     if resp.status != 401:
         resp.headers["Concurrency-Limit-Type"] = "Default"
-        resp.headers["Concurrency-Limit-Limit"] = str(CONCURRENCY_LIMIT)
-        resp.headers["Concurrency-Limit-Remaining"] = str(max(0, CONCURRENCY_LIMIT - window.inflight))
+        limit = sim.config.concurrent_request_limit
+        resp.headers["Concurrency-Limit-Limit"] = str(limit)
+        resp.headers["Concurrency-Limit-Remaining"] = str(max(0, limit - window.inflight))
 
 
-def _too_many(retry_after: int) -> web.Response:
-    body = {"code": "REQUEST_EXCEEDED_LIMIT", "message": "Your request rate has exceeded the limit; resubmit later."}
+def _too_many(retry_after: int, what: str = "request rate has") -> web.Response:
+    body = {"code": "REQUEST_EXCEEDED_LIMIT", "message": f"Your {what} exceeded the limit; resubmit later."}
     return _json(body, 429, {"Retry-After": str(retry_after)})
 
 
@@ -115,6 +117,8 @@ async def _guarded(request: web.Request, handler: Handler, sim: Simulator) -> we
     limit = sim.config.rate_limit_per_minute
     if limit is not None and window.count > limit:
         return _too_many(max(1, int(60 - (sim.clock.now() - window.start))))
+    if not is_token and window.inflight > sim.config.concurrent_request_limit:  # counted itself on the way in
+        return _too_many(1, "total number of concurrent requests have")
     if not is_token and not _authorised(request, sim):
         resp = v1_error(401, 90000011, "Authentication error")
         resp.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
@@ -310,9 +314,27 @@ async def download(request: web.Request) -> web.StreamResponse:
     chunks: Iterator[bytes] = sim.file_chunks(spec)
     if transport_gzip:
         chunks = gzip_stream(chunks, sim.config.compress_level)
+    try:
+        await _send_chunks(request, resp, chunks, sim, cut=cut, threaded=transport_gzip or spec.fmt in ("gzip", "zip"))
+    except ConnectionResetError:  # the client went away mid-download, as clients do
+        log.info("download of file %s ended by the client", spec.file_id)
+    return resp
+
+
+async def _send_chunks(
+    request: web.Request,
+    resp: web.StreamResponse,
+    chunks: Iterator[bytes],
+    sim: Simulator,
+    *,
+    cut: int | None,
+    threaded: bool,
+) -> None:
+    """Write a file's body, with the trickle, cut and wrong-length faults; ``threaded``: make chunks in a thread
+    (compression releases the GIL: keep it off the loop)."""
+    faults = sim.faults
     sent = 0
     trickle = faults.trickle_bytes_per_s
-    threaded = transport_gzip or spec.fmt in ("gzip", "zip")  # compression releases the GIL: keep it off the loop
     while True:
         chunk = await asyncio.to_thread(next, chunks, None) if threaded else next(chunks, None)
         if chunk is None:
@@ -320,7 +342,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         if cut is not None and sent + len(chunk) >= cut:
             await resp.write(chunk[: cut - sent])
             _drop(request)
-            return resp
+            return
         if trickle:
             step = max(1, trickle // 10)
             for i in range(0, len(chunk), step):
@@ -332,9 +354,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     if faults.wrong_content_length:
         await resp.write_eof()
         _drop(request)
-        return resp
+        return
     await resp.write_eof()
-    return resp
 
 
 def _drop(request: web.Request) -> None:

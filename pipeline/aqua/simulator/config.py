@@ -95,6 +95,8 @@ class SimulatorConfig(BaseModel):
     max_concurrent_jobs: int = Field(default=50, ge=1)
     job_limit_response: Literal["error_body", "http_429"] = "error_body"
     rate_limit_per_minute: int | None = Field(default=None, ge=1)
+    concurrent_request_limit: int = Field(default=40, ge=1)
+    """Requests in flight at once (the tenant's, token fetches aside) beyond which a request gets 429."""
     callback_method: Literal["GET", "POST"] = "GET"
     callback_status_style: Literal["lower", "capitalized"] = "capitalized"
     callback_timeout_s: float = Field(default=10.0, gt=0)
