@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from pipeline.aqua.client import AquaClient
@@ -22,6 +23,7 @@ from pipeline.logs import bound, track_id_var
 from pipeline.manifest import ManifestStore, object_key, sanitize
 from pipeline.metrics import Metrics
 from pipeline.models import CloudEvent, Manifest, ManifestObject
+from pipeline.sessions import SessionRecord
 from pipeline.settings import EventsSettings, S3Settings
 from pipeline.transfer import S3Transfer, TransferSpec
 
@@ -82,6 +84,19 @@ def job_date(job: Job) -> str:
     if job.start_time and len(job.start_time) >= 10:
         return job.start_time[:10]
     return "undated"
+
+
+def start_instant(value: str | None) -> datetime | None:
+    """AQuA's ``startTime`` as a datetime (``2014-09-03 08:20:07``, or ISO with an offset such as
+    ``2021-01-18T17:13:48+0000``, REFERENCE.md §4), or None if absent or in neither form."""
+    if not value:
+        return None
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return datetime.strptime(value.strip(), fmt)
+        except ValueError:
+            continue
+    return None
 
 
 class JobProcessor:
@@ -301,14 +316,19 @@ class JobProcessor:
         return out
 
     async def _hold_session(self, job: Job) -> bool:
-        """Stateful jobs of one (partner, project) are landed one at a time, as AQuA runs them.
+        """Stateful jobs of one (partner, project) are landed one at a time, in the order AQuA ran them.
 
-        A session left held by a job that has since finished (or vanished) is taken over.
+        The job that holds the session lands whatever the line says (an earlier job may join the line late: a
+        submit resumed after its submitter died); a session left held by a job that has since finished (or
+        vanished) is taken over.
         """
         if not is_stateful(job) or not job.id:
             return True
         partner, project = job.partner or "", job.project or ""
-        if not await self._first_in_line(partner, project, job.id):
+        session = await self.ledger.get_session(partner, project)
+        if session is not None and session.holder_job_id == job.id:
+            return await self.ledger.acquire_session(partner, project, job.id)
+        if session is not None and not await self._first_in_line(session, job):
             return False
         if await self.ledger.acquire_session(partner, project, job.id):
             return True
@@ -322,24 +342,46 @@ class JobProcessor:
                 return await self.ledger.acquire_session(partner, project, job.id)
         return False
 
-    async def _first_in_line(self, partner: str, project: str, job_id: str) -> bool:
-        """False while a job submitted to the session before ``job_id`` has not landed: AQuA ran that one first,
-        so it lands first, whatever delayed it here (a retry, a slower worker, a lost callback). A job this
-        service did not submit has no place in the line. An earlier job the ledger has as done, or no longer has,
-        is taken out of the line (it ended without saying so, e.g. a crash just after it landed)."""
-        session = await self.ledger.get_session(partner, project)
-        line = session.pending if session else {}
+    async def _first_in_line(self, session: SessionRecord, job: Job) -> bool:
+        """False while a job submitted to the session before ``job`` has not landed and AQuA ran it first: it
+        lands first, whatever delayed it here (a retry, a slower worker, a late callback). A job this service did
+        not submit has no place in the line. An earlier job the ledger has as done, or no longer has, is taken
+        out of the line (it ended without saying so, e.g. a crash just after it landed)."""
+        line = session.pending
+        job_id = job.id or ""
         if job_id not in line:
             return True
         mine = (line[job_id], job_id)
         for _, earlier in sorted((line[other], other) for other in line if (line[other], other) < mine):
             item = await self.ledger.get(earlier)
             if item is None or item.done:
-                await self.ledger.remove_session_job(partner, project, earlier)
+                await self.ledger.remove_session_job(session.partner, session.project, earlier)
                 continue
-            log.info("session %s/%s: waiting for job %s, submitted before this one", partner, project, earlier)
-            return False
+            if await self._ran_before(earlier, job):
+                log.info(
+                    "session %s/%s: waiting for job %s, run before this one", session.partner, session.project, earlier
+                )
+                return False
         return True
+
+    async def _ran_before(self, earlier_id: str, job: Job) -> bool:
+        """Whether AQuA ran ``earlier_id`` before the finished ``job``. AQuA runs a session's jobs one at a time,
+        in the order it got them (REFERENCE.md §9): one it has not finished, or started later, came after ``job``,
+        whatever the submit times on our side say (two replicas submitting at once, a submit slowed by retries).
+        When AQuA cannot tell (no start times to compare), the submit order stands."""
+        try:
+            other = await self.aqua.get_job(earlier_id, track_id=track_id_var.get())
+        except AquaNotFound:
+            return False  # it will fail as an unknown job; nothing to wait for
+        if not other.finished:
+            return False
+        mine, theirs = start_instant(job.start_time), start_instant(other.start_time)
+        if mine is None or theirs is None:
+            return True
+        try:
+            return theirs <= mine
+        except TypeError:  # one with an offset, one without: not comparable
+            return True
 
     async def _end_session(self, job_id: str, partner: str | None, project: str | None, start: str | None) -> None:
         if partner and project:

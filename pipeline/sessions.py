@@ -29,6 +29,13 @@ class SessionRecord:
     """Jobs submitted to the session by this service and not landed yet: job id -> submit time."""
 
 
+def _job_slot(e: Expr, job_id: str) -> str:
+    """A placeholder for ``job_id`` as a key of the ``pending`` map: a fixed one, since a placeholder may hold only
+    letters, digits and ``_``, and a job id is AQuA's to choose."""
+    e.names["#jid"] = job_id
+    return "#jid"
+
+
 class SessionLedger(DynamoTable):
     """The session half of the ledger (:class:`pipeline.ledger.JobLedger` inherits it)."""
 
@@ -51,13 +58,13 @@ class SessionLedger(DynamoTable):
         fields = {"kind": "session", "partner": partner, "project": project, "pending": {}}
         await self._update_if(key, e, f"SET {e.sets(fields)}", condition=f"attribute_not_exists({e.n('pending')})")
         e = Expr()
-        slot = f"{e.n('pending')}.{e.n(job_id)}"
+        slot = f"{e.n('pending')}.{_job_slot(e, job_id)}"
         await self._update(key, e, f"SET {slot} = if_not_exists({slot}, {e.v(submitted_at)})")
 
     async def remove_session_job(self, partner: str, project: str, job_id: str) -> None:
         """Take ``job_id`` out of the session's line (it landed, or failed for good)."""
         e = Expr()
-        update = f"REMOVE {e.n('pending')}.{e.n(job_id)}"
+        update = f"REMOVE {e.n('pending')}.{_job_slot(e, job_id)}"
         await self._update_if(
             self._session_key(partner, project), e, update, condition=f"attribute_exists({e.n('pending')})"
         )

@@ -482,3 +482,20 @@ async def test_a_write_that_meets_a_transaction_in_flight_is_tried_again(aws_set
         with pytest.raises(LedgerError, match="TransactionConflictException"):
             await led.claim(JOB, "w1", 30)
         await clients.dynamodb.delete_table(TableName=led.table_name)
+
+
+async def test_a_sessions_line_takes_any_job_id_and_keeps_the_first_submit_time(ledger: JobLedger) -> None:
+    """Job ids become keys of the session's ``pending`` map: ids with characters an expression placeholder
+    cannot hold (``-``, ``.``) work too, and a second add keeps the first submit time."""
+    odd, plain = "job-1.a", "a" * 32
+    await ledger.add_session_job("p", "q", odd, 20.0)
+    await ledger.add_session_job("p", "q", plain, 10.0)
+    await ledger.add_session_job("p", "q", odd, 30.0)
+    session = await ledger.get_session("p", "q")
+    assert session is not None and session.pending == {odd: 20.0, plain: 10.0}
+    await ledger.remove_session_job("p", "q", odd)
+    await ledger.remove_session_job("p", "q", odd)  # gone already: no error
+    session = await ledger.get_session("p", "q")
+    assert session is not None and session.pending == {plain: 10.0}
+    await ledger.remove_session_job("p", "other", plain)  # a session never used: no error, nothing made
+    assert await ledger.get_session("p", "other") is None

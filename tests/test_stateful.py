@@ -4,6 +4,7 @@ marked in the manifest and the event; the session's last completed job is record
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -11,9 +12,9 @@ import pytest
 
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
-from pipeline.errors import AquaUnavailable
+from pipeline.errors import AquaUnavailable, StorageError
 from pipeline.ledger import JobState
-from pipeline.processor import Outcome
+from pipeline.processor import Outcome, start_instant
 from pipeline.testing.moto import MotoServer
 from pipeline.testing.stack import running_stack
 
@@ -186,3 +187,73 @@ async def test_an_earlier_job_that_ended_unseen_does_not_block_the_session(moto_
         assert result.outcome is Outcome.PUBLISHED
         session = await c.ledger.get_session("examplepartner", "stale-line")
         assert session is not None and session.pending == {}
+
+
+async def test_the_session_holder_lands_even_if_an_earlier_job_joins_the_line_late(moto_server: MotoServer) -> None:
+    """A ran first in AQuA, but joined the line only after B took the session (A's submit was finished late, by
+    the reconciler, after its submitter died); B then met a retryable S3 error. B, holding the session, must not
+    wait for A, which waits for the session: each would wait for the other until the DLQ."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        a = (await stack.submit(stateful("late-line"))).job.id or ""
+        b = (await stack.submit(stateful("late-line", queries=False))).job.id or ""
+        for job_id in (a, b):
+            await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=30)
+        session = await c.ledger.get_session("examplepartner", "late-line")
+        assert session is not None
+        submitted_a = session.pending[a]
+        await c.ledger.remove_session_job("examplepartner", "late-line", a)  # not recorded yet
+
+        real = c.transfer.store
+        fails = [StorageError("S3 answered 503")]
+
+        async def flaky(source: Any, spec: Any) -> Any:
+            if fails:
+                raise fails.pop()
+            return await real(source, spec)
+
+        c.transfer.store = flaky  # type: ignore[method-assign]
+        assert (await c.processor.process(b, owner="w1", lease_s=30, final_attempt=False)).outcome is Outcome.RETRY
+        session = await c.ledger.get_session("examplepartner", "late-line")
+        assert session is not None and session.holder_job_id == b
+        await c.ledger.add_session_job("examplepartner", "late-line", a, submitted_a)  # the late record
+        outcomes = [(await c.processor.process(j, owner=w, lease_s=30, final_attempt=False)).outcome
+                    for j, w in ((a, "w2"), (b, "w3"), (a, "w4"))]  # fmt: skip
+        assert outcomes == [Outcome.BUSY, Outcome.PUBLISHED, Outcome.PUBLISHED]
+        session = await c.ledger.get_session("examplepartner", "late-line")
+        assert session is not None and session.pending == {} and session.holder_job_id is None
+
+
+async def test_an_earlier_submit_that_aqua_runs_later_does_not_hold_up_the_line(moto_server: MotoServer) -> None:
+    """Submit times are ours (two replicas' clocks, a submit slowed by retries); the run order is AQuA's. C has an
+    earlier submit time than B in the line, but AQuA got it later and runs it after B: B lands without waiting."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        b = (await stack.submit(stateful("skew"))).job.id or ""
+        await c.aqua.wait_for_job(b, poll_interval_s=0.02, timeout_s=30)
+        stack.sim.config.step_delay_s = 5  # C stays queued or running in AQuA for the rest of the test
+        later = (await stack.submit(stateful("skew", queries=False))).job.id or ""
+        session = await c.ledger.get_session("examplepartner", "skew")
+        assert session is not None
+        await c.ledger.remove_session_job("examplepartner", "skew", later)
+        await c.ledger.add_session_job("examplepartner", "skew", later, session.pending[b] - 5)
+        assert (await c.processor.process(b, owner="w1", lease_s=30, final_attempt=False)).outcome is Outcome.PUBLISHED
+        session = await c.ledger.get_session("examplepartner", "skew")
+        assert session is not None and list(session.pending) == [later]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2014-09-03 08:20:07", datetime(2014, 9, 3, 8, 20, 7)),
+        ("2021-01-18T17:13:48+0000", datetime(2021, 1, 18, 17, 13, 48, tzinfo=UTC)),
+        ("2021-01-18T17:13:48", datetime(2021, 1, 18, 17, 13, 48)),
+        (None, None),
+        ("", None),
+        ("yesterday", None),
+    ],
+)
+def test_start_instant_reads_both_forms_of_aquas_start_time(value: str | None, expected: datetime | None) -> None:
+    assert start_instant(value) == expected
