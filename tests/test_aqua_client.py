@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -713,3 +714,51 @@ def test_retry_after_values_that_are_not_a_finite_delay_are_ignored_or_capped() 
         None,
     ]
     assert parse_retry_after("86400") == MAX_RETRY_AFTER_S == 3600.0
+
+
+async def test_a_replay_answered_409_with_the_job_is_that_job(client: AquaClient, sim: Simulator) -> None:
+    """DEV-ERRH: a replayed Idempotency-Key gets the original result as a 409. It is the job the key made, not a
+    refusal: a resumed submission must record it, not give up on it."""
+    sim.config.idempotency_replay = "http_409"
+    first = await client.submit(request("Account"), idempotency_key="k-replay")
+    again = await client.submit(request("Account"), idempotency_key="k-replay")
+    assert again.id == first.id and len(sim.jobs) == 1
+
+
+async def test_a_submit_whose_key_is_still_in_progress_is_tried_again(
+    server: TestServer, session: aiohttp.ClientSession, sim: Simulator
+) -> None:
+    """DEV-IDEM: 409 while the first request under the key runs (our own earlier attempt, e.g. one that timed out
+    on our side). A retry a moment later gets that request's job."""
+    settings = AquaSettings(
+        base_url=str(server.make_url("")), client_id="sim-client", client_secret="sim-secret", backoff_base_s=0.05
+    )
+    client = AquaClient(session, settings)
+    token = await client.auth.get(track_id="t")
+    release = asyncio.Event()
+    body = SubmitRequest(queries=[Query(name="Account", query="select Id from Account")]).to_body()
+    raw = orjson.dumps(body)
+
+    async def chunks() -> Any:
+        yield raw[:10]
+        await release.wait()
+        yield raw[10:]
+
+    async def held() -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "k-busy", "Content-Type": "application/json"}
+        async with session.post(str(server.make_url("/v1/batch-query/")), data=chunks(), headers=headers) as resp:
+            assert resp.status == 200
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    first = asyncio.create_task(held())
+    for _ in range(500):
+        if "k-busy" in sim.idempotency_in_progress:
+            break
+        await asyncio.sleep(0.01)
+    retried = asyncio.create_task(client.submit(SubmitRequest.model_validate(body), idempotency_key="k-busy"))
+    await asyncio.sleep(0.2)  # the client has met the 409 and is waiting to try again
+    assert not retried.done()
+    release.set()
+    job = await retried
+    assert job.id == (await first)["id"] and len(sim.jobs) == 1

@@ -8,6 +8,8 @@ import io
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from pipeline.aqua.simulator import SimulatorConfig
 from tests.test_simulator import ACCOUNT_QUERY, Sim, make_sim
 
@@ -101,6 +103,53 @@ async def test_idempotency_key(make_sim: SimFactory) -> None:
     await s.login()
     d = await s.submit({"queries": [ACCOUNT_QUERY]}, **{"Idempotency-Key": "k1"})
     assert d["id"] != a["id"]
+
+
+async def slow_submit(s: Sim, key: str, release: asyncio.Event) -> tuple[int, dict[str, Any]]:
+    """A submit under ``key`` whose body arrives only once ``release`` is set: the request stays in progress."""
+    body = orjson.dumps({"queries": [ACCOUNT_QUERY]})
+
+    async def chunks() -> Any:
+        yield body[:10]
+        await release.wait()
+        yield body[10:]
+
+    headers = {**s.auth, "Idempotency-Key": key, "Content-Type": "application/json"}
+    async with s.http.post(s.url("/v1/batch-query/"), data=chunks(), headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_idempotency_key_in_progress_other_route_and_replay_style(make_sim: SimFactory) -> None:
+    """DEV-IDEM (REFERENCE.md §2.2): 409 while the first request under a key runs (one job, not two); 422 for the
+    key on another URL; and, as DEV-ERRH has it, a replay answered 409 with the stored body when so configured."""
+    s = await make_sim()
+    release = asyncio.Event()
+    first = asyncio.create_task(slow_submit(s, "k-slow", release))
+    for _ in range(500):  # until the simulator has the request in hand
+        if "k-slow" in s.sim.idempotency_in_progress:
+            break
+        await asyncio.sleep(0.01)
+    async with s.http.post(
+        s.url("/v1/batch-query/"), json={"queries": [ACCOUNT_QUERY]}, headers={**s.auth, "Idempotency-Key": "k-slow"}
+    ) as resp:
+        assert resp.status == 409
+        assert (await resp.json())["reasons"][0]["message"].endswith("still in progress")
+    release.set()
+    status, job = await first
+    assert status == 200 and len(s.sim.jobs) == 1
+    assert (await s.submit({"queries": [ACCOUNT_QUERY]}, **{"Idempotency-Key": "k-slow"}))["id"] == job["id"]
+    async with s.http.post(
+        s.url("/apps/api/batch-query/"),
+        json={"queries": [ACCOUNT_QUERY]},
+        headers={**s.auth, "Idempotency-Key": "k-slow"},
+    ) as resp:
+        assert resp.status == 422
+    s.sim.config.idempotency_replay = "http_409"
+    async with s.http.post(
+        s.url("/v1/batch-query"), json={"queries": [ACCOUNT_QUERY]}, headers={**s.auth, "Idempotency-Key": "k-slow"}
+    ) as resp:
+        assert resp.status == 409 and (await resp.json())["id"] == job["id"]
+    assert len(s.sim.jobs) == 1
 
 
 async def test_stateful_full_then_incremental_with_deleted(make_sim: SimFactory) -> None:

@@ -112,6 +112,8 @@ def _retry_cause(error: UpstreamError) -> str:
         return "rate_limited"
     if error.status is not None and error.status >= 500:
         return "server_error"
+    if error.status == 409:
+        return "in_progress"
     return "connection"
 
 
@@ -122,6 +124,15 @@ class _Attempt(Exception):
         super().__init__(str(error))
         self.error = error
         self.retry_after = retry_after
+
+
+class _Replayed(Exception):
+    """A 409 to a submit whose body is the job its Idempotency-Key made: how DEV-ERRH says AQuA answers a replay
+    (REFERENCE.md §2.2, §15); DEV-IDEM says a replay gets the stored 200 instead. Either way it is the job."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(f"replayed job {data.get('id')}")
+        self.data = data
 
 
 class AquaClient:
@@ -176,9 +187,13 @@ class AquaClient:
         headers = {"Idempotency-Key": key}
         if entity_ids:
             headers["Zuora-Entity-Ids"] = entity_ids
-        data = await self._json(
-            "POST", "/v1/batch-query/", op="submit", body=request.to_body(), headers=headers, track_id=track_id
-        )
+        try:
+            data = await self._json(
+                "POST", "/v1/batch-query/", op="submit", body=request.to_body(), headers=headers, track_id=track_id
+            )
+        except _Replayed as replay:
+            log.info("AQuA answered the Idempotency-Key's replay with 409 and the job it made, %s", replay.data["id"])
+            data = replay.data
         job = Job.model_validate(data)
         if not job.id:
             raise AquaValidationError("AQuA accepted the submit but returned no job id", status=200)
@@ -456,9 +471,16 @@ class AquaClient:
         if status == 404:
             return AquaNotFound(f"{where}: not found (or past retention): {text}", status=status, request_id=request_id)
         try:
-            parsed = _error_from_body(orjson.loads(raw), status=status, request_id=request_id)
+            data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            parsed = None
+            data = None
+        parsed = _error_from_body(data, status=status, request_id=request_id)
+        if status == 409 and op == "submit":
+            if parsed is None and isinstance(data, dict) and is_aqua_id(str(data.get("id") or "")):
+                return _Replayed(data)
+            # The first request under this key is still in progress (DEV-IDEM): its answer comes on a retry.
+            in_progress = f"{where}: a request with this Idempotency-Key is still in progress: {text}"
+            return _Attempt(AquaValidationError(in_progress, status=status, request_id=request_id, retryable=True))
         return parsed or AquaValidationError(f"{where}: {text}", status=status, request_id=request_id)
 
 

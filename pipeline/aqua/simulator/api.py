@@ -197,12 +197,35 @@ async def submit(request: web.Request) -> web.StreamResponse:
     """``POST /v1/batch-query/``: validation errors are HTTP 200 with ``errorCode`` (REFERENCE.md §3.6)."""
     sim = request.app[SIMULATOR_KEY]
     key = request.headers.get("Idempotency-Key")
-    if key is not None:
-        if len(key) > 255:
-            return v1_error(400, 50000020, "Idempotency-Key must be at most 255 characters")
-        stored = sim.remembered(key)
-        if stored is not None:
-            return _json(stored)
+    if key is None:
+        answer = await _submit(request, sim)
+        return answer if isinstance(answer, web.Response) else _json(answer)
+    if len(key) > 255:
+        return v1_error(400, 50000020, "Idempotency-Key must be at most 255 characters")
+    # DEV-IDEM (REFERENCE.md §2.2): a replay gets the stored answer (or, per DEV-ERRH, that answer as a 409); the
+    # key on another URL or method 422; while the first request under it runs, 409.
+    route = f"{request.method} {request.path.rstrip('/')}"
+    stored = sim.remembered(key)
+    if stored is not None:
+        if stored[0] != route:
+            return v1_error(422, 50000030, "Idempotency-Key was used with a different request (URL or method)")
+        return _json(stored[1], 409 if sim.config.idempotency_replay == "http_409" else 200)
+    if key in sim.idempotency_in_progress:
+        return v1_error(409, 50000030, "A request with this Idempotency-Key is still in progress")
+    sim.idempotency_in_progress.add(key)
+    try:
+        answer = await _submit(request, sim)
+        if isinstance(answer, web.Response):
+            return answer
+        sim.remember(key, route, answer)
+        return _json(answer)
+    finally:
+        sim.idempotency_in_progress.discard(key)
+
+
+async def _submit(request: web.Request, sim: Simulator) -> dict[str, Any] | web.Response:
+    """The submit's answer (a job, or a refusal echoing the request, both HTTP 200 and kept under the
+    Idempotency-Key), or an error response that is not kept."""
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -216,9 +239,7 @@ async def submit(request: web.Request) -> web.StreamResponse:
         if exc.code == "90028" and sim.config.job_limit_response == "http_429":
             return _too_many(sim.faults.retry_after_s)
         answer = _error_echo(body, exc.code, exc.message)
-    if key is not None:
-        sim.remember(key, answer)
-    return _json(answer)
+    return answer
 
 
 def _job_or_error(request: web.Request) -> tuple[Any, web.Response | None]:

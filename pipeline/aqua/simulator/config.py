@@ -94,6 +94,9 @@ class SimulatorConfig(BaseModel):
     max_file_bytes: int = Field(default=2047 * 1024 * 1024, gt=0)
     max_concurrent_jobs: int = Field(default=50, ge=1)
     job_limit_response: Literal["error_body", "http_429"] = "error_body"
+    idempotency_replay: Literal["stored", "http_409"] = "stored"
+    """How a replayed ``Idempotency-Key`` is answered: the stored response (DEV-IDEM), or it with status 409
+    (DEV-ERRH); REFERENCE.md §2.2, §15."""
     rate_limit_per_minute: int | None = Field(default=None, ge=1)
     concurrent_request_limit: int = Field(default=40, ge=1)
     """Requests in flight at once (the tenant's, token fetches aside) beyond which a request gets 429."""

@@ -59,7 +59,8 @@ class Simulator:
         self.jobs: dict[str, JobState] = {}
         self.sessions: dict[tuple[str, str], Session] = {}
         self.files: dict[str, FileSpec] = {}
-        self.idempotency: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.idempotency: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        self.idempotency_in_progress: set[str] = set()
         self.callback_log: list[dict[str, Any]] = []
         self.on_job_finished: Callable[[JobState], None] | None = None
         self._sizes: dict[str, int] = {}
@@ -303,16 +304,17 @@ class Simulator:
         return session.last_completed if session else None
 
     # idempotency ---------------------------------------------------------------------------------------
-    def remembered(self, key: str) -> dict[str, Any] | None:
-        """The stored submit response for an ``Idempotency-Key`` seen in the last 24 h."""
+    def remembered(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """The request (method and path) and stored submit response of an ``Idempotency-Key`` seen in the last
+        24 h."""
         hit = self.idempotency.get(key)
         if hit is None or hit[0] <= self.clock.now():
             self.idempotency.pop(key, None)
             return None
-        return hit[1]
+        return hit[1], hit[2]
 
-    def remember(self, key: str, body: dict[str, Any]) -> None:
-        self.idempotency[key] = (self.clock.now() + 24 * 3600, body)
+    def remember(self, key: str, route: str, body: dict[str, Any]) -> None:
+        self.idempotency[key] = (self.clock.now() + 24 * 3600, route, body)
 
     # files --------------------------------------------------------------------------------------------
     def file(self, file_id: str) -> FileSpec | None:
