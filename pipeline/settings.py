@@ -149,6 +149,10 @@ class QueueSettings(_Group):
     work_queue_name: str = "aqua-pipeline-work"
     dlq_name: str = "aqua-pipeline-work-dlq"
     max_receives: int = Field(default=5, ge=1, le=1000)
+    retry_window_s: float = Field(default=3600.0, ge=0, le=48 * 3600)
+    """For this long after its callback a job's retryable failures (AQuA or AWS unavailable, a cut download) are
+    tried again, however many receives that takes; only after it does one more fail the job. Within AQuA's 72 h
+    file retention."""
     visibility_timeout_s: int = Field(default=60, ge=5, le=43200)
     wait_time_s: int = Field(default=10, ge=0, le=20)
     concurrency: int = Field(default=4, ge=1, le=256)

@@ -148,7 +148,7 @@ class Worker:
             self.metrics.work_lag.observe(max(0.0, time.time() - work.sent_at_ms / 1000))
         owner = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
         lease_s = float(self.settings.visibility_timeout_s)
-        final = work.receive_count >= self.settings.max_receives
+        final = work.receive_count >= self.settings.max_receives and not self._within_retry_window(work)
         job = asyncio.create_task(
             self.process(job_id, owner=owner, lease_s=lease_s, final_attempt=final), name=f"job-{job_id}"
         )
@@ -200,19 +200,34 @@ class Worker:
             await self._wait(work, max(retry_delay_s(work.receive_count), int(result.retry_after_s or 0)))
         else:
             delay = retry_delay_s(work.receive_count)
+            if work.message is not None:  # later in a long outage, further apart: a quarter of the time so far
+                delay = max(delay, min(900, int(self._age_s(work.message) / 4)))
             if result.retry_after_s:
                 delay = max(delay, int(result.retry_after_s))
-            await self._settle(self.queue.set_visibility(work.receipt_handle, delay))
+            if self._within_retry_window(work):
+                await self._wait(work, delay, limit_s=self.settings.retry_window_s)
+            else:
+                await self._settle(self.queue.set_visibility(work.receipt_handle, delay))
 
-    async def _wait(self, work: ReceivedWork, delay_s: int) -> None:
-        """Hand a message back for a wait that is no failure: the job is leased by another worker, its stateful
-        session is busy with an earlier job, or AQuA still runs it. Each receive counts towards the queue's
-        ``max_receives``, after which SQS moves the message to the DLQ, so a message at the end of that budget is
-        sent again as a new one (delayed, its receive count starting over) and this one deleted; waiting then
-        never sends a job to the DLQ, for up to :data:`MAX_WAIT_S` after its callback."""
+    def _within_retry_window(self, work: ReceivedWork) -> bool:
+        """Whether the job's retryable failures are still tried again rather than failing it: for
+        ``retry_window_s`` after its callback (an outage of AQuA or AWS outlasts a few receives)."""
+        return work.message is not None and self._age_s(work.message) < self.settings.retry_window_s
+
+    @staticmethod
+    def _age_s(msg: WorkMessage) -> float:
+        return time.time() - msg.received_at.timestamp()
+
+    async def _wait(self, work: ReceivedWork, delay_s: int, *, limit_s: float = MAX_WAIT_S) -> None:
+        """Hand a message back for a wait that is no failure (the job is leased by another worker, its stateful
+        session is busy with an earlier job, AQuA still runs it), or for a retry within the retry window. Each
+        receive counts towards the queue's ``max_receives``, after which SQS moves the message to the DLQ, so a
+        message at the end of that budget is sent again as a new one (delayed, its receive count starting over) and
+        this one deleted; waiting then never sends a job to the DLQ, for up to ``limit_s`` after its callback
+        (:data:`MAX_WAIT_S` for waits)."""
         msg = work.message
         near_the_end = work.receive_count >= self.settings.max_receives - 1
-        if msg is not None and near_the_end and time.time() - msg.received_at.timestamp() < MAX_WAIT_S:
+        if msg is not None and near_the_end and self._age_s(msg) < limit_s:
             # The copy needs no second admission: this message passed the deferred ledger check already.
             copy = msg.model_copy(update={"submission_id": None})
             try:

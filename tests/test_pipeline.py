@@ -259,7 +259,7 @@ async def test_a_file_that_fails_its_checks_publishes_failure_and_leaves_no_obje
     def one_try(s: Settings) -> Settings:
         return s.model_copy(
             update={
-                "queue": s.queue.model_copy(update={"max_receives": 1}),
+                "queue": s.queue.model_copy(update={"max_receives": 1, "retry_window_s": 0}),
                 "aqua": s.aqua.model_copy(update={"max_attempts": 1}),
             }
         )

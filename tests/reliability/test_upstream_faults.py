@@ -44,15 +44,17 @@ def two_queries(name: str = "faults", fmt: str = "csv") -> SubmitRequest:
     )
 
 
-def fast_retries(*, max_receives: int = 2, aqua_attempts: int = 4) -> Callable[[Settings], Settings]:
-    """Few receives, short visibility, quick upstream backoff: a failing job reaches the DLQ in seconds."""
+def fast_retries(
+    *, max_receives: int = 2, aqua_attempts: int = 4, retry_window_s: float = 0
+) -> Callable[[Settings], Settings]:
+    """Few receives, short visibility, quick upstream backoff, no retry window: a failing job reaches the DLQ in
+    seconds."""
 
     def tweak(s: Settings) -> Settings:
+        queue = {"max_receives": max_receives, "visibility_timeout_s": 5, "wait_time_s": 1}
         return s.model_copy(
             update={
-                "queue": s.queue.model_copy(
-                    update={"max_receives": max_receives, "visibility_timeout_s": 5, "wait_time_s": 1}
-                ),
+                "queue": s.queue.model_copy(update={**queue, "retry_window_s": retry_window_s}),
                 "aqua": s.aqua.model_copy(
                     update={"max_attempts": aqua_attempts, "backoff_base_s": 0.02, "backoff_cap_s": 0.1}
                 ),
@@ -229,6 +231,22 @@ async def test_persistent_5xx_on_files_ends_in_failure_event_and_dlq(moto_server
         stack.sim.faults.server_error_scope = "files"
         job_id, item = await land(stack, two_queries())
         await assert_failed_cleanly(stack, job_id, item, "AquaUnavailable")
+
+
+async def test_an_outage_longer_than_the_receives_does_not_fail_the_job(moto_server: MotoServer) -> None:
+    """AQuA answers 503 for longer than the queue's receives last: within the retry window the message is sent
+    again with fresh receives, and the job lands once AQuA is back, rather than failing for good."""
+    tweak = fast_retries(max_receives=1, aqua_attempts=1, retry_window_s=600)
+    async with running_stack(moto_server.url, sim_config=sim_config(), tweak=tweak) as stack:
+        stack.sim.faults.server_error_next = 2  # two receives' worth: one attempt each
+        stack.sim.faults.server_error_scope = "files"
+        job_id, item = await land(stack, two_queries(), timeout_s=60)
+        await assert_landed_intact(stack, job_id, item)
+        assert item.attempts >= 3
+        dlq = await stack.clients.sqs.get_queue_attributes(
+            QueueUrl=stack.resources.dlq_url, AttributeNames=["ApproximateNumberOfMessages"]
+        )
+        assert dlq["Attributes"]["ApproximateNumberOfMessages"] == "0"
 
 
 # -- the long version: several jobs through a mix of faults --------------------------------------------
