@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from pydantic import ValidationError
 
-from pipeline.aqua.client import JOB_LIMIT_CODE, AquaClient
+from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Job, SubmitRequest
 from pipeline.errors import AquaValidationError, LedgerError
 from pipeline.ledger import JobLedger, PendingSubmission
@@ -43,6 +43,12 @@ def default_idempotency_key(request: SubmitRequest, submission_id: str) -> str:
 def new_idempotency_key(submission_id: str) -> str:
     """A fresh key for a submission AQuA refused without making a job (see :meth:`Submitter.resume`)."""
     return f"aqp-{submission_id[:24]}-{uuid.uuid4().hex[:24]}"
+
+
+def _refused_for_now(exc: Exception) -> bool:
+    """Whether AQuA refused the submit with an error it asks to retry (an error code in its answer, so no job was
+    made). Not a 409: that is the first request under the key, still in progress, and it may make the job."""
+    return isinstance(exc, AquaValidationError) and exc.retryable and exc.error_code is not None and exc.status != 409
 
 
 class Submitter:
@@ -91,8 +97,9 @@ class Submitter:
         """Finish a submit whose submitter died: send it again under its own Idempotency-Key, so AQuA answers with
         the job it already made (or makes it, if the first request never reached it), and record that job.
 
-        A refusal (AQuA will not make this job) takes it off the list; the concurrent job limit (90028) gives it a
-        new key for the next round (:attr:`Resumed.deferred`). Raises the client's other retryable errors, and a
+        A refusal (AQuA will not make this job) takes it off the list; a refusal AQuA asks to retry (the concurrent
+        job limit 90028, an internal error such as 90022) gives it a new key for the next round
+        (:attr:`Resumed.deferred`). Raises the client's other retryable errors, and a
         409 (a request with the same key still in progress), for the next round to try again.
         """
         if now - pending.pending_since > IDEMPOTENCY_WINDOW_S:
@@ -103,9 +110,10 @@ class Submitter:
             request = SubmitRequest.model_validate(pending.request)
             job, _ = await self._send(pending, request)
         except (AquaValidationError, ValidationError) as exc:
-            if isinstance(exc, AquaValidationError) and exc.error_code == JOB_LIMIT_CODE:
-                # Over the job limit AQuA made no job under this key, and would answer any resend of the key
-                # with the same stored refusal for 24 hours: the next round sends it under a new key.
+            if _refused_for_now(exc):
+                # AQuA made no job under this key (over the job limit, an internal error it asks to retry), and
+                # would answer any resend of the key with the same stored refusal for 24 hours: the next round
+                # sends it under a new key.
                 await self.ledger.rekey_submission(pending, new_idempotency_key(pending.submission_id))
                 return Resumed.deferred
             if isinstance(exc, AquaValidationError) and (exc.retryable or exc.status == 409):

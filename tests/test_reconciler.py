@@ -148,10 +148,16 @@ def pending(since: float) -> PendingSubmission:
             False,
         ),
         (60, AquaValidationError("in progress", status=409), AquaValidationError, True),
-        (
+        (  # AQuA made no job, and keeps this answer for the key 24 h: a new key for the next round
             60,
             AquaValidationError("AQuA error 90022: internal error", error_code="90022", status=200, retryable=True),
-            AquaValidationError,
+            Resumed.deferred,
+            True,
+        ),
+        (  # a v1 error of a retryable category: the same
+            60,
+            AquaValidationError("AQuA error 50000099: try later", error_code="50000099", status=400, retryable=True),
+            Resumed.deferred,
             True,
         ),
         (60, AquaUnavailable("AQuA answered 503 three times"), AquaUnavailable, True),
@@ -178,7 +184,12 @@ async def test_resuming_a_submission_sends_it_again_only_under_its_own_key(
     for url in aqua.notify_urls:  # a token signed afresh for this very submission (none is stored)
         token = parse_qs(urlsplit(url or "").query)["token"][0]
         assert signer.verify(token).submission_id == p.submission_id
-    assert bool(await ledger.find_pending_submissions(1)) is still_pending
+    if outcome is Resumed.deferred:
+        clock.now += 5  # re-keying restarts the submission's clock
+    left = await ledger.find_pending_submissions(1)
+    assert bool(left) is still_pending
+    if outcome is Resumed.deferred:
+        assert left[0].idempotency_key != "aqp-key"
     recorded = await ledger.get(DONE)
     assert (recorded is not None) is (outcome is Resumed.recorded)
     if recorded is not None:
