@@ -5,7 +5,8 @@
     PipelineError                        (base; ``retryable`` says whether trying again may help)
     ├── CallbackRejected                 permanent   a callback we will not act on (status = HTTP code)
     ├── UpstreamError                    AQuA answered badly or not at all
-    │   ├── AquaAuthError                permanent   credentials refused (401/403 after one token refresh)
+    │   ├── AquaAuthError                permanent   credentials refused (401/403 after one token refresh);
+    │   │                                            a job meeting it waits out the retry window all the same
     │   ├── AquaRateLimited              retryable   429 after the bounded retries; carries retry_after
     │   ├── AquaUnavailable              retryable   5xx / connection errors after the bounded retries
     │   ├── AquaValidationError          permanent   AQuA said ``status: error`` with ``errorCode``/``message``

@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from pipeline.aqua.client import AquaClient
 from pipeline.aqua.models import Batch, BatchStatus, Job, JobStatus
-from pipeline.errors import AquaNotFound, IntegrityError, KeyCollision, PipelineError
+from pipeline.errors import AquaAuthError, AquaNotFound, IntegrityError, KeyCollision, PipelineError
 from pipeline.events import EventPublisher, completed_event, failed_event
 from pipeline.ledger import JobLedger, JobState, LeaseLost, LedgerItem
 from pipeline.logs import bound, track_id_var
@@ -140,8 +140,14 @@ class JobProcessor:
                 except LeaseLost:
                     raise
                 except PipelineError as exc:
-                    if exc.retryable and not final_attempt:
-                        log.warning("retryable failure: %s", exc)
+                    # Refused credentials are the service's trouble, not the job's: it waits (within the retry
+                    # window) for an operator to fix them, rather than failing every job meanwhile.
+                    refused = isinstance(exc, AquaAuthError)
+                    if (exc.retryable or refused) and not final_attempt:
+                        if refused:
+                            log.error("AQuA refused the service's credentials; the job will be tried again: %s", exc)
+                        else:
+                            log.warning("retryable failure: %s", exc)
                         await self.ledger.release(job_id, owner)
                         # a server's Retry-After (AquaRateLimited) outlives this attempt: the message waits for it
                         wait = getattr(exc, "retry_after", None)

@@ -762,3 +762,33 @@ async def test_a_submit_whose_key_is_still_in_progress_is_tried_again(
     release.set()
     job = await retried
     assert job.id == (await first)["id"] and len(sim.jobs) == 1
+
+
+async def test_not_now_answers_are_retried_not_taken_for_refusals(aiohttp_server: Any) -> None:
+    """A proxy's or a maintenance window's answers say nothing of our credentials or the request: a token
+    endpoint answering a 200 HTML page, then 408, and the API answering 408 and 425, are all tried again."""
+    token_answers = [
+        web.Response(text="<html>down for maintenance</html>", content_type="text/html"),
+        web.Response(status=408, text="Request Timeout"),
+    ]
+    job_answers = [web.Response(status=408, text="Request Timeout"), web.Response(status=425, text="Too Early")]
+    job_id = "a" * 32
+
+    async def token(_: web.Request) -> web.Response:
+        return token_answers.pop(0) if token_answers else web.json_response({"access_token": "t", "expires_in": 3599})
+
+    async def job(_: web.Request) -> web.Response:
+        return job_answers.pop(0) if job_answers else web.json_response({"id": job_id, "status": "completed"})
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    app.router.add_get(f"/v1/batch-query/jobs/{job_id}", job)
+    server = await aiohttp_server(app)
+    fake = FakeTime()
+    settings = AquaSettings(base_url=str(server.make_url("")), client_id="c", client_secret="s", max_attempts=6)
+    retries: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        client = AquaClient(http, settings, clock=fake.clock, sleep=fake.sleep, on_retry=retries.append)
+        got = await client.get_job(job_id)
+    assert got.id == job_id and token_answers == [] and job_answers == []
+    assert len(retries) == 4

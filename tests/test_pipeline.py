@@ -16,7 +16,7 @@ import pytest
 from pipeline.app import METRICS_KEY
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig, file_digest
-from pipeline.errors import LedgerError
+from pipeline.errors import AquaAuthError, LedgerError
 from pipeline.events import event_id
 from pipeline.ledger import JobState
 from pipeline.models import EVENT_TYPE_COMPLETED, WorkMessage
@@ -510,3 +510,28 @@ async def test_a_stored_job_is_retried_never_failed(
         assert item is not None and item.state is JobState.published
         events = await stack.drain_events()
         assert [(e["type"], e["id"]) for e in events] == [(EVENT_TYPE_COMPLETED, event_id(job_id, "completed"))] * 2
+
+
+async def test_refused_credentials_hold_the_job_rather_than_fail_it(moto_server: MotoServer) -> None:
+    """AQuA refusing the service's credentials (a rotated secret not yet deployed) is no fault of the job's: it
+    is tried again, without a failure event, until its last attempt (after the retry window)."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(request())).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+
+        async def refused(*_: Any, **__: Any) -> Any:
+            raise AquaAuthError("get_job: HTTP 401: credentials refused", status=401)
+
+        real, c.aqua.get_job = c.aqua.get_job, refused  # type: ignore[method-assign]
+        result = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=False)
+        assert result.outcome is Outcome.RETRY
+        item = await c.ledger.get(job_id)
+        assert item is not None and not item.done and item.lease_owner is None
+        assert await stack.drain_events(wait_s=0) == []
+        result = await c.processor.process(job_id, owner="w2", lease_s=30, final_attempt=True)
+        assert result.outcome is Outcome.FAILED
+        c.aqua.get_job = real  # type: ignore[method-assign]
+        [event] = await stack.drain_events()
+        assert event["data"]["reason"] == "AquaAuthError"

@@ -35,6 +35,9 @@ def describe_error(exc: BaseException) -> str:
     return repr(exc)
 
 
+TRANSIENT_4XX = frozenset({408, 425})
+"""4xx answers that say "not now" (Request Timeout, Too Early), from AQuA or a proxy in front of it: retried."""
+
 MAX_RETRY_AFTER_S = 3600.0
 """The longest ``Retry-After`` taken as given; a longer one is cut to this."""
 
@@ -145,7 +148,7 @@ class TokenCache:
             raise AquaRateLimited(
                 "token endpoint rate limited", retry_after=retry_after, status=status, request_id=request_id
             )
-        if status >= 500:
+        if status >= 500 or status in TRANSIENT_4XX:
             raise AquaUnavailable(f"token endpoint answered {status}", status=status, request_id=request_id)
         if status != 200:
             raise AquaAuthError(
@@ -158,7 +161,12 @@ class TokenCache:
             value = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3599))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise AquaAuthError("token response is not a token", status=status, request_id=request_id) from exc
+            # A 200 that is no token (a maintenance page, a proxy's answer) says nothing of the credentials.
+            raise AquaUnavailable(
+                f"token response is not a token: {body[:120].decode(errors='replace')!r}",
+                status=status,
+                request_id=request_id,
+            ) from exc
 
         # A token shorter-lived than twice the margin is refreshed at half its life, not immediately.
         margin = min(self._margin, expires_in / 2)

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from pipeline.aqua.auth import TokenCache, describe_error, parse_retry_after
+from pipeline.aqua.auth import TRANSIENT_4XX, TokenCache, describe_error, parse_retry_after
 from pipeline.aqua.models import Job, SubmitRequest, is_aqua_id
 from pipeline.backoff import backoff_delay
 from pipeline.errors import (
@@ -462,7 +462,7 @@ class AquaClient:
                 f"{where}: rate limited", retry_after=retry_after, status=status, request_id=request_id
             )
             return _Attempt(error, retry_after)
-        if status >= 500:
+        if status >= 500 or status in TRANSIENT_4XX:
             return _Attempt(AquaUnavailable(f"{where}: {text}", status=status, request_id=request_id))
         if status == 403 and download and "max-object-size" in text:
             return AquaFileTooLarge(f"{where}: {TOO_LARGE_HINT}", status=status, request_id=request_id)
