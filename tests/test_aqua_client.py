@@ -792,3 +792,24 @@ async def test_not_now_answers_are_retried_not_taken_for_refusals(aiohttp_server
         got = await client.get_job(job_id)
     assert got.id == job_id and token_answers == [] and job_answers == []
     assert len(retries) == 4
+
+
+@pytest.mark.parametrize(
+    ("status", "batches", "finished"),
+    [
+        ("completed", ["completed"], True),
+        ("executing", ["completed", "executing"], False),
+        ("failed", ["executing"], True),  # tap-zuora's word: the job has ended whatever its batches say
+        ("deleted_notallowed", [], True),
+        ("queued", ["pending"], False),  # an unknown word with a batch still queued: not yet
+        ("queued", ["completed", "aborted"], True),  # ... with every batch ended: it has ended too
+        ("queued", [], False),
+    ],
+)
+def test_an_undocumented_job_status_is_final_once_no_batch_runs(
+    status: str, batches: list[str], finished: bool
+) -> None:
+    job = Job.model_validate(
+        {"id": "a" * 32, "status": status, "batches": [{"name": f"b{i}", "status": b} for i, b in enumerate(batches)]}
+    )
+    assert job.finished is finished

@@ -535,3 +535,22 @@ async def test_refused_credentials_hold_the_job_rather_than_fail_it(moto_server:
         c.aqua.get_job = real  # type: ignore[method-assign]
         [event] = await stack.drain_events()
         assert event["data"]["reason"] == "AquaAuthError"
+
+
+async def test_a_job_in_an_undocumented_final_status_is_failed_not_polled_for_ever(moto_server: MotoServer) -> None:
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(request())).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        real = c.aqua.get_job
+
+        async def failed(job_id: str, **kw: Any) -> Any:
+            job = await real(job_id, **kw)
+            return job.model_copy(update={"status": "failed", "message": "query failed"})
+
+        c.aqua.get_job = failed  # type: ignore[method-assign]
+        result = await c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=False)
+        assert (result.outcome, result.reason) == (Outcome.FAILED, "job_failed")
+        [event] = await stack.drain_events()
+        assert event["type"] == "com.zuora.aqua.export.failed" and event["data"]["aqua_status"] == "failed"

@@ -74,6 +74,10 @@ class JobStatus(StrEnum):
         return self in (JobStatus.COMPLETED, JobStatus.ERROR, JobStatus.ABORTED, JobStatus.CANCELLED)
 
 
+UNDOCUMENTED_FINAL = frozenset({"failed", "deleted_notallowed"})
+"""Job status words seen outside the reference's list that can only mean the job has ended."""
+
+
 class BatchStatus(StrEnum):
     """Batch status words (REFERENCE.md §4.4)."""
 
@@ -200,5 +204,14 @@ class Job(_In):
 
     @property
     def finished(self) -> bool:
+        """Whether AQuA is done with the job. A status word it has not documented (``failed``, which tap-zuora
+        checks for; ``deleted_notallowed``, in SDK3's one list for jobs and batches) counts as final once no
+        batch is still queued or running: such a job would otherwise be polled until its message gave up, and
+        no event ever said what became of it. It is not ``completed``, so it is failed."""
         st = self.job_status
-        return bool(st and st.finished)
+        if st is not None:
+            return st.finished
+        if self.status.lower() in UNDOCUMENTED_FINAL:
+            return True
+        running = {BatchStatus.SUBMITTED, BatchStatus.PENDING, BatchStatus.EXECUTING}
+        return bool(self.batches) and all((b.status or "").lower() not in running for b in self.batches)
