@@ -245,6 +245,21 @@ async def test_aborted_job_carries_the_batch_message(moto_server: MotoServer) ->
         assert events[0]["data"]["message"]
 
 
+async def test_a_job_aqua_set_to_error_fails_with_its_message(moto_server: MotoServer) -> None:
+    """AQuA sets a job that stayed too long in Processing to ``error`` (90029): its callback says ``error``, the
+    job read back says so too, with ``errorCode`` and a message, and the failure event carries them."""
+    async with running_stack(moto_server.url) as stack:
+        stack.sim.faults.error_jobs = True
+        job_id, item = await land(stack, request())
+        assert (item.state, item.error_reason) == (JobState.failed, "job_error")
+        job = await stack.components.aqua.get_job(job_id)
+        assert (job.status, job.error_code) == ("error", "90029")
+        [event] = await stack.drain_events()
+        assert event["data"]["aqua_status"] == "error" and "Processing" in event["data"]["message"]
+        listed = await stack.clients.s3.list_objects_v2(Bucket=stack.settings.s3.bucket)
+        assert listed.get("KeyCount", 0) == 0
+
+
 @pytest.mark.parametrize(
     ("fault", "value", "reason"),
     [

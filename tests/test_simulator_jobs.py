@@ -87,8 +87,11 @@ async def test_concurrency_limit(make_sim: SimFactory) -> None:
     s.sim.config.job_limit_response = "http_429"
     async with s.http.post(s.url("/v1/batch-query/"), json={"queries": [ACCOUNT_QUERY]}, headers=s.auth) as resp:
         assert resp.status == 429 and "Retry-After" in resp.headers
+    stateful = {"version": "1.1", "partner": "p", "project": "q", "queries": [ACCOUNT_QUERY]}
+    assert (await s.submit(stateful))["status"] == "submitted"  # stateful jobs have a limit of their own
     first = next(iter(s.sim.jobs.values()))
     s.sim.cancel(first)
+    s.sim.config.job_limit_response = "error_body"
     assert (await s.submit({"queries": [ACCOUNT_QUERY]}))["status"] == "submitted"
 
 

@@ -58,18 +58,31 @@ async def zuora_middleware(request: web.Request, handler: Handler) -> web.Stream
         return v1_error(400, 50000020, "Invalid Zuora-Track-Id header")
     if request.path.startswith("/_sim/"):
         return await handler(request)
+    if request.path == "/oauth/token":  # AUTH has limits of its own, and no concurrency limit (REFERENCE.md §2.1)
+        return await _v1_http_errors(request, handler, sim)
     window = request.app[WINDOW_KEY]
     now = sim.clock.now()
     if now - window.start >= 60:
         window.start, window.count = now, 0
     window.count += 1
-    if request.path == "/oauth/token":  # the token endpoint is not subject to the concurrency limit (REFERENCE.md §2.1)
-        return await _guarded(request, handler, sim)
     window.inflight += 1
     try:
-        return await _guarded(request, handler, sim)
+        return await _v1_http_errors(request, handler, sim)
     finally:
         window.inflight -= 1
+
+
+_HTTP_CODES = {404: 50000040, 405: 50000045}
+
+
+async def _v1_http_errors(request: web.Request, handler: Handler, sim: Simulator) -> web.StreamResponse:
+    """aiohttp's own answers (an unknown route, a method a route does not take) in Zuora's v1 error shape."""
+    try:
+        return await _guarded(request, handler, sim)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return v1_error(exc.status, _HTTP_CODES.get(exc.status, 50000020), exc.reason)
 
 
 def _valid_track(track: str) -> bool:
@@ -115,7 +128,7 @@ async def _guarded(request: web.Request, handler: Handler, sim: Simulator) -> we
         return v1_error(faults.server_error_status, "SystemError", "internal server error")
     window = request.app[WINDOW_KEY]
     limit = sim.config.rate_limit_per_minute
-    if limit is not None and window.count > limit:
+    if not is_token and limit is not None and window.count > limit:
         return _too_many(max(1, int(60 - (sim.clock.now() - window.start))))
     if not is_token and window.inflight > sim.config.concurrent_request_limit:  # counted itself on the way in
         return _too_many(1, "total number of concurrent requests have")

@@ -63,6 +63,9 @@ class Faults(BaseModel):
     abort_batches: bool = False
     abort_query: str | None = None
     abort_message: str = "The query exceeded maximum processing time."
+    error_jobs: bool = False
+    """Every job that runs ends ``error``, with ``errorCode`` 90029 and a message (set to Error after too long
+    in Processing, REFERENCE.md §4.3, §11.1); its batches stop where they were."""
     record_count_offset: int = 0
     """Added to each completed batch's ``recordCount``: a count that does not match the file it describes."""
     batch_status_on_completed_job: dict[str, str] = Field(default_factory=dict)
@@ -93,6 +96,7 @@ class SimulatorConfig(BaseModel):
     file_retention_s: float = Field(default=72 * 3600, gt=0)
     max_file_bytes: int = Field(default=2047 * 1024 * 1024, gt=0)
     max_concurrent_jobs: int = Field(default=50, ge=1)
+    """Jobs in ``submitted``/``executing`` per kind: stateful and stateless jobs each have this limit."""
     job_limit_response: Literal["error_body", "http_429"] = "error_body"
     idempotency_replay: Literal["stored", "http_409"] = "stored"
     """How a replayed ``Idempotency-Key`` is answered: the stored response (DEV-IDEM), or it with status 409

@@ -90,6 +90,7 @@ class JobState:
     start_time: float | None = None
     finished_at: float | None = None
     message: str | None = None
+    error_code: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     wait_for: asyncio.Event | None = None
 
@@ -122,6 +123,8 @@ class JobState:
             out["notifyUrl"] = self.notify_url
         if self.message and not submit:
             out["message"] = self.message
+        if self.error_code and not submit:
+            out["errorCode"] = self.error_code
         out["batches"] = [b.to_json(submit=submit) for b in self.batches]
         return out
 

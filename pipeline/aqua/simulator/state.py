@@ -94,17 +94,18 @@ class Simulator:
         return True
 
     # submit -------------------------------------------------------------------------------------------
-    def active_jobs(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.status in ACTIVE)
+    def active_jobs(self, *, stateful: bool) -> int:
+        """Stateful or stateless jobs in ``submitted``/``executing``: each kind has its own limit (REFERENCE.md §10)."""
+        return sum(1 for j in self.jobs.values() if j.status in ACTIVE and j.stateful is stateful)
 
     def submit(self, body: dict[str, Any]) -> JobState:
         """Validate and start a job; raises :class:`SubmitError`."""
         errors = validate_submit(body, formats=SIMULATOR_FORMATS)
         if errors:
             raise SubmitError(*errors[0])
-        if self.active_jobs() >= self.config.max_concurrent_jobs:
-            raise SubmitError("90028", "The number of concurrent jobs exceeds the limit")
         stateful = is_stateful(body)
+        if self.active_jobs(stateful=stateful) >= self.config.max_concurrent_jobs:
+            raise SubmitError("90028", "The number of concurrent jobs exceeds the limit")
         session: Session | None = None
         queries = body.get("queries") or []
         reuse = False
@@ -195,6 +196,11 @@ class Simulator:
             if job.finished:
                 return
             faults = self.faults
+            if faults.error_jobs:
+                job.error_code = "90029"
+                job.message = "The job exceeded the maximum time in Processing and was set to Error."
+                self.finish(job, "error")
+                return
             if faults.abort_batches or (faults.abort_query is not None and faults.abort_query == batch.name):
                 batch.status = "aborted"
                 batch.message = faults.abort_message
