@@ -231,7 +231,9 @@ class _Gunzip:
 
     def finish(self) -> None:
         if self._in_member:
-            raise IntegrityError(f"{self._what} ends inside a gzip member (truncated)")
+            # Most likely a connection cut where no framing told (a response without Content-Length or
+            # chunking ends when the connection does): a retry may well get the whole file.
+            raise IntegrityError(f"{self._what} ends inside a gzip member (truncated)", retryable=True)
 
 
 class _Flow:

@@ -281,6 +281,13 @@ class AquaClient:
     async def _iter_body(self, resp: aiohttp.ClientResponse, file_id: str) -> AsyncGenerator[bytes, None]:
         expected = resp.content_length
         request_id = resp.headers.get("Zuora-Request-Id")
+        if expected is None and "chunked" not in resp.headers.get("Transfer-Encoding", "").lower():
+            log.warning(
+                "file %s comes without Content-Length or chunking: a cut connection would look like its end, and only"
+                " the file's own checks (gzip, record count) can tell (request_id=%s)",
+                file_id,
+                request_id,
+            )
         received = 0
         try:
             async for chunk in resp.content.iter_chunked(self._settings.chunk_size):
