@@ -730,8 +730,13 @@ async def test_a_submit_whose_key_is_still_in_progress_is_tried_again(
 ) -> None:
     """DEV-IDEM: 409 while the first request under the key runs (our own earlier attempt, e.g. one that timed out
     on our side). A retry a moment later gets that request's job."""
-    settings = AquaSettings(
-        base_url=str(server.make_url("")), client_id="sim-client", client_secret="sim-secret", backoff_base_s=0.05
+    settings = AquaSettings(  # retries spread over seconds: the budget outlasts the test's hold (full jitter)
+        base_url=str(server.make_url("")),
+        client_id="sim-client",
+        client_secret="sim-secret",
+        backoff_base_s=0.2,
+        backoff_cap_s=0.5,
+        max_attempts=12,
     )
     client = AquaClient(session, settings)
     token = await client.auth.get(track_id="t")
@@ -813,3 +818,27 @@ def test_an_undocumented_job_status_is_final_once_no_batch_runs(
         {"id": "a" * 32, "status": status, "batches": [{"name": f"b{i}", "status": b} for i, b in enumerate(batches)]}
     )
     assert job.finished is finished
+
+
+def test_job_answers_with_nulls_numbers_and_formatted_counts_are_read() -> None:
+    """Type variants seen in AQuA's answers across its sources (REFERENCE.md §15) must not make a completed job
+    unreadable: it would be retried and then failed though AQuA finished it."""
+    job = Job.model_validate(
+        {
+            "id": "a" * 32,
+            "status": "completed",
+            "partner": 12345,
+            "startTime": 1700000000,
+            "name": None,
+            "batches": [
+                {"name": None, "status": "completed", "query": None, "recordCount": "1,234", "fileId": "f" * 32},
+                {"name": "b", "status": None, "recordCount": None},
+            ],
+        }
+    )
+    assert (job.partner, job.start_time, job.name) == ("12345", "1700000000", None)
+    assert [(b.name, b.status, b.query, b.record_count) for b in job.batches] == [
+        ("", "completed", "", 1234),
+        ("b", "pending", "", 0),
+    ]
+    assert Job.model_validate({"id": "a" * 32, "status": "completed", "batches": None}).batches == []

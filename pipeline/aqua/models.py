@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 AQUA_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 """Job, batch and file ids are 32 lower-case hex characters (REFERENCE.md §13)."""
@@ -39,7 +39,7 @@ def _loose_bool(v: Any) -> Any:
 def _loose_int(v: Any) -> Any:
     if isinstance(v, str) and v.strip():
         try:
-            return int(float(v))
+            return int(float(v.replace(",", "")))  # "1,234" as some answers format counts
         except ValueError:
             return v
     if isinstance(v, float):
@@ -92,6 +92,21 @@ class BatchStatus(StrEnum):
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _Answer(_In):
+    """What AQuA answers: numbers where text is expected taken as text, and a ``null`` taken as an absent field
+    (its default), so a job AQuA completed is never refused over a type variant. (What we send, and what users
+    write in job definitions, stays strict.)"""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class Deleted(_In):
@@ -147,7 +162,7 @@ class SubmitRequest(_In):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-class Batch(_In):
+class Batch(_Answer):
     """One batch of a job (REFERENCE.md §4.2)."""
 
     batch_id: str | None = Field(default=None, alias="batchId")
@@ -172,7 +187,7 @@ class Batch(_In):
         return [self.file_id] if self.file_id else []
 
 
-class Job(_In):
+class Job(_Answer):
     """A job as ``GET /v1/batch-query/jobs/{id}`` returns it (REFERENCE.md §4.1)."""
 
     id: str | None = None
