@@ -4,12 +4,13 @@ ledger's conditional transitions make sure only one replica works on a job at a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -84,6 +85,13 @@ def job_date(job: Job) -> str:
     if job.start_time and len(job.start_time) >= 10:
         return job.start_time[:10]
     return "undated"
+
+
+def _log_orphaned_failure(step: asyncio.Future[None]) -> None:
+    """A publish step whose caller was cancelled has nobody to raise to: its failure is logged (the job is then
+    retried by its next worker, as after any failed publish)."""
+    if not step.cancelled() and step.exception() is not None:
+        log.warning("event step failed after its job's work was stopped: %s", step.exception())
 
 
 def start_instant(value: str | None) -> datetime | None:
@@ -432,8 +440,7 @@ class JobProcessor:
         event = completed_event(manifest, source=self.events.source, manifest_bucket=self.s3.bucket, manifest_key=key)
         if not await self.ledger.hold_for_event(manifest.job_id, owner, lease_s, failure=False):
             raise LeaseLost(f"job {manifest.job_id}: lease lost before publishing")
-        await self._send(event)
-        await self.ledger.mark_published(manifest.job_id, owner, event_id=event.id)
+        await self._announce(event, lambda: self.ledger.mark_published(manifest.job_id, owner, event_id=event.id))
         if manifest.stateful:
             try:
                 await self._end_session(manifest.job_id, manifest.partner, manifest.project, manifest.start_time)
@@ -469,11 +476,28 @@ class JobProcessor:
         if not await self.ledger.hold_for_event(job_id, owner, lease_s, failure=True):
             # lost the lease, or the job is stored (its completion event may be out): no failure event
             raise LeaseLost(f"job {job_id}: lease lost, or job stored, before publishing its failure")
-        await self._send(event)
-        await self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id)
+        await self._announce(
+            event,
+            lambda: self.ledger.mark_failed(job_id, owner, reason=reason, message=message[:1000], event_id=event.id),
+        )
         if job is not None and is_stateful(job):
             await self._end_session(job_id, job.partner, job.project, None)
         self.metrics.jobs.labels("failed").inc()
+
+    async def _announce(self, event: CloudEvent, record: Callable[[], Awaitable[object]]) -> None:
+        """Send ``event``, then ``record`` it in the ledger, as one step a cancellation (the heartbeat stopping the
+        job's work, a shutdown) does not cut in two: an event sent that the ledger does not know of is sent again,
+        a duplicate, by the next worker. If the caller is cancelled meanwhile, the step still finishes."""
+        step = asyncio.ensure_future(self._send_and_record(event, record))
+        try:
+            await asyncio.shield(step)
+        except asyncio.CancelledError:
+            step.add_done_callback(_log_orphaned_failure)
+            raise
+
+    async def _send_and_record(self, event: CloudEvent, record: Callable[[], Awaitable[object]]) -> None:
+        await self._send(event)
+        await record()
 
     async def _send(self, event: CloudEvent) -> None:
         await self.publisher.publish(event)

@@ -569,3 +569,38 @@ async def test_a_job_in_an_undocumented_final_status_is_failed_not_polled_for_ev
         assert (result.outcome, result.reason) == (Outcome.FAILED, "job_failed")
         [event] = await stack.drain_events()
         assert event["type"] == "com.zuora.aqua.export.failed" and event["data"]["aqua_status"] == "failed"
+
+
+async def test_a_job_stopped_while_its_event_goes_out_still_records_it(moto_server: MotoServer) -> None:
+    """The worker stops a job's work when its heartbeat cannot extend the lease (or at shutdown). Stopped between
+    sending the completion event and recording it, the job would be published again, a duplicate, by the next
+    worker: the send and the record finish together, and the next worker finds the job published."""
+    async with running_stack(moto_server.url, run_worker=False) as stack:
+        stack.sim.faults.lose_callbacks = True
+        c = stack.components
+        job_id = (await stack.submit(request())).job.id or ""
+        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        real = c.publisher.publish
+        sending = asyncio.Event()
+
+        async def slow_publish(event: Any) -> None:
+            sending.set()
+            await asyncio.sleep(0.3)
+            await real(event)
+
+        c.publisher.publish = slow_publish  # type: ignore[method-assign]
+        work = asyncio.create_task(c.processor.process(job_id, owner="w1", lease_s=30, final_attempt=False))
+        await sending.wait()
+        work.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+        for _ in range(50):
+            item = await c.ledger.get(job_id)
+            if item is not None and item.state is JobState.published:
+                break
+            await asyncio.sleep(0.1)
+        assert item is not None and item.state is JobState.published
+        c.publisher.publish = real  # type: ignore[method-assign]
+        again = await c.processor.process(job_id, owner="w2", lease_s=30, final_attempt=False)
+        assert again.outcome is Outcome.DUPLICATE
+        assert len(await stack.drain_events()) == 1
