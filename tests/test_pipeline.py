@@ -67,6 +67,14 @@ async def assert_objects_match_simulator(stack: Stack, manifest: Any) -> None:
             assert obj.record_count == records
 
 
+async def finished_job(stack: Stack) -> str:
+    """A job AQuA has finished and whose callback it lost: the test drives the processor itself."""
+    stack.sim.faults.lose_callbacks = True
+    job_id = (await stack.submit(request())).job.id or ""
+    await stack.components.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+    return job_id
+
+
 async def test_end_to_end_single_job(moto_server: MotoServer) -> None:
     cfg = SimulatorConfig(rows={"Account": 3000, "Invoice": 5000}, step_delay_s=0.02)
     async with running_stack(moto_server.url, sim_config=cfg) as stack:
@@ -531,10 +539,8 @@ async def test_refused_credentials_hold_the_job_rather_than_fail_it(moto_server:
     """AQuA refusing the service's credentials (a rotated secret not yet deployed) is no fault of the job's: it
     is tried again, without a failure event, until its last attempt (after the retry window)."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        job_id = (await stack.submit(request())).job.id or ""
-        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        job_id = await finished_job(stack)
 
         async def refused(*_: Any, **__: Any) -> Any:
             raise AquaAuthError("get_job: HTTP 401: credentials refused", status=401)
@@ -554,10 +560,8 @@ async def test_refused_credentials_hold_the_job_rather_than_fail_it(moto_server:
 
 async def test_a_job_in_an_undocumented_final_status_is_failed_not_polled_for_ever(moto_server: MotoServer) -> None:
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        job_id = (await stack.submit(request())).job.id or ""
-        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        job_id = await finished_job(stack)
         real = c.aqua.get_job
 
         async def failed(job_id: str, **kw: Any) -> Any:
@@ -576,10 +580,8 @@ async def test_a_job_stopped_while_its_event_goes_out_still_records_it(moto_serv
     sending the completion event and recording it, the job would be published again, a duplicate, by the next
     worker: the send and the record finish together, and the next worker finds the job published."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        job_id = (await stack.submit(request())).job.id or ""
-        await c.aqua.wait_for_job(job_id, poll_interval_s=0.05, timeout_s=30)
+        job_id = await finished_job(stack)
         real = c.publisher.publish
         sending = asyncio.Event()
 

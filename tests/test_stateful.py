@@ -142,17 +142,24 @@ async def test_a_session_that_cannot_be_closed_does_not_unpublish_the_job(
         assert len(await stack.drain_events()) == 2
 
 
+async def two_finished_jobs(stack: Any, project: str) -> tuple[str, str]:
+    """A (a full load) and B (an increment on it), submitted in that order to one session, both finished in AQuA
+    (callbacks lost: the test drives the processor itself)."""
+    stack.sim.faults.lose_callbacks = True
+    a = (await stack.submit(stateful(project))).job.id or ""
+    b = (await stack.submit(stateful(project, queries=False))).job.id or ""
+    for job_id in (a, b):
+        await stack.components.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=30)
+    return a, b
+
+
 async def test_the_jobs_of_a_session_land_in_the_order_aqua_ran_them(moto_server: MotoServer) -> None:
     """A (the full load) and B (an increment on it) both finished in AQuA. A's first attempt meets a transient
     AQuA error; B must not land meanwhile (a consumer applying the events in order would put A's older full load
     over B's changes): it waits, A lands, then B."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        a = (await stack.submit(stateful("in-order"))).job.id or ""
-        b = (await stack.submit(stateful("in-order", queries=False))).job.id or ""
-        for job_id in (a, b):
-            await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=30)
+        a, b = await two_finished_jobs(stack, "in-order")
         session = await c.ledger.get_session("examplepartner", "in-order")
         assert session is not None and list(session.pending) == [a, b]
 
@@ -194,12 +201,8 @@ async def test_the_session_holder_lands_even_if_an_earlier_job_joins_the_line_la
     the reconciler, after its submitter died); B then met a retryable S3 error. B, holding the session, must not
     wait for A, which waits for the session: each would wait for the other until the DLQ."""
     async with running_stack(moto_server.url, run_worker=False) as stack:
-        stack.sim.faults.lose_callbacks = True
         c = stack.components
-        a = (await stack.submit(stateful("late-line"))).job.id or ""
-        b = (await stack.submit(stateful("late-line", queries=False))).job.id or ""
-        for job_id in (a, b):
-            await c.aqua.wait_for_job(job_id, poll_interval_s=0.02, timeout_s=30)
+        a, b = await two_finished_jobs(stack, "late-line")
         session = await c.ledger.get_session("examplepartner", "late-line")
         assert session is not None
         submitted_a = session.pending[a]
