@@ -87,13 +87,6 @@ def job_date(job: Job) -> str:
     return "undated"
 
 
-def _log_orphaned_failure(step: asyncio.Future[None]) -> None:
-    """A publish step whose caller was cancelled has nobody to raise to: its failure is logged (the job is then
-    retried by its next worker, as after any failed publish)."""
-    if not step.cancelled() and step.exception() is not None:
-        log.warning("event step failed after its job's work was stopped: %s", step.exception())
-
-
 def start_instant(value: str | None) -> datetime | None:
     """AQuA's ``startTime`` as a datetime (``2014-09-03 08:20:07``, or ISO with an offset such as
     ``2021-01-18T17:13:48+0000``, REFERENCE.md §4), or None if absent or in neither form."""
@@ -487,12 +480,18 @@ class JobProcessor:
     async def _announce(self, event: CloudEvent, record: Callable[[], Awaitable[object]]) -> None:
         """Send ``event``, then ``record`` it in the ledger, as one step a cancellation (the heartbeat stopping the
         job's work, a shutdown) does not cut in two: an event sent that the ledger does not know of is sent again,
-        a duplicate, by the next worker. If the caller is cancelled meanwhile, the step still finishes."""
+        a duplicate, by the next worker. If the caller is cancelled meanwhile, the step still finishes, and the
+        cancellation waits for it."""
         step = asyncio.ensure_future(self._send_and_record(event, record))
         try:
             await asyncio.shield(step)
         except asyncio.CancelledError:
-            step.add_done_callback(_log_orphaned_failure)
+            # Finish first (the worker hands the message and the lease back once this returns: released before
+            # the record, the lease would make the record fail), then let the cancellation through.
+            try:
+                await step
+            except Exception as exc:
+                log.warning("event step failed after its job's work was stopped: %s", exc)
             raise
 
     async def _send_and_record(self, event: CloudEvent, record: Callable[[], Awaitable[object]]) -> None:
