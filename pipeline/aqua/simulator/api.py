@@ -78,11 +78,25 @@ _HTTP_CODES = {404: 50000040, 405: 50000045}
 async def _v1_http_errors(request: web.Request, handler: Handler, sim: Simulator) -> web.StreamResponse:
     """aiohttp's own answers (an unknown route, a method a route does not take) in Zuora's v1 error shape."""
     try:
-        return await _guarded(request, handler, sim)
+        resp = await _guarded(request, handler, sim)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return v1_error(exc.status, _HTTP_CODES.get(exc.status, 50000020), exc.reason)
+        resp = v1_error(exc.status, _HTTP_CODES.get(exc.status, 50000020), exc.reason)
+    _compress_json(request, resp)
+    return resp
+
+
+def _compress_json(request: web.Request, resp: web.StreamResponse) -> None:
+    """A JSON answer over 1,000 bytes is gzipped for a client that accepts it (DEV-COMP, REFERENCE.md §2.2)."""
+    if (
+        isinstance(resp, web.Response)
+        and resp.content_type == "application/json"
+        and isinstance(resp.body, bytes)
+        and len(resp.body) > 1000
+        and "gzip" in request.headers.get("Accept-Encoding", "").lower()
+    ):
+        resp.enable_compression(web.ContentCoding.gzip)
 
 
 def _valid_track(track: str) -> bool:
