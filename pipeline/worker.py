@@ -204,10 +204,7 @@ class Worker:
                 delay = max(delay, min(900, int(self._age_s(work.message) / 4)))
             if result.retry_after_s:
                 delay = max(delay, int(result.retry_after_s))
-            if self._within_retry_window(work):
-                await self._wait(work, delay, limit_s=self.settings.retry_window_s)
-            else:
-                await self._settle(self.queue.set_visibility(work.receipt_handle, delay))
+            await self._wait(work, delay, limit_s=self.settings.retry_window_s)
 
     def _within_retry_window(self, work: ReceivedWork) -> bool:
         """Whether the job's retryable failures are still tried again rather than failing it: for

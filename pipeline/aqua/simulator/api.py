@@ -59,7 +59,7 @@ async def zuora_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path.startswith("/_sim/"):
         return await handler(request)
     if request.path == "/oauth/token":  # AUTH has limits of its own, and no concurrency limit (REFERENCE.md §2.1)
-        return await _v1_http_errors(request, handler, sim)
+        return await _aqua_answer(request, handler, sim)
     window = request.app[WINDOW_KEY]
     now = sim.clock.now()
     if now - window.start >= 60:
@@ -67,7 +67,7 @@ async def zuora_middleware(request: web.Request, handler: Handler) -> web.Stream
     window.count += 1
     window.inflight += 1
     try:
-        return await _v1_http_errors(request, handler, sim)
+        return await _aqua_answer(request, handler, sim)
     finally:
         window.inflight -= 1
 
@@ -75,8 +75,9 @@ async def zuora_middleware(request: web.Request, handler: Handler) -> web.Stream
 _HTTP_CODES = {404: 50000040, 405: 50000045}
 
 
-async def _v1_http_errors(request: web.Request, handler: Handler, sim: Simulator) -> web.StreamResponse:
-    """aiohttp's own answers (an unknown route, a method a route does not take) in Zuora's v1 error shape."""
+async def _aqua_answer(request: web.Request, handler: Handler, sim: Simulator) -> web.StreamResponse:
+    """The answer to an AQuA route: aiohttp's own errors (an unknown route, a method a route does not take) in
+    Zuora's v1 error shape, and a large JSON answer compressed."""
     try:
         resp = await _guarded(request, handler, sim)
     except web.HTTPException as exc:
