@@ -29,7 +29,11 @@ matrix with the default.
     python -m bench.callbacks --aws stub --aws-latency-ms 4,8 --rates 200,500 --duration 15
     python -m bench.callbacks --quick [--aws stub]
 
-``--tree DIR`` adds ``ours_tree`` and ``ours_deferred_tree``: the same two services run from another source tree
+Two services of ours: ``ours``, as shipped (``LEDGER__TOKEN_CALLBACKS_AT=worker``: verify the token, enqueue,
+202; the worker makes the ledger check), and ``ours_receiver``, the same service with the ledger check in the
+receiver (``LEDGER__TOKEN_CALLBACKS_AT=receiver``: the ledger's fast path, then the enqueue, then 202).
+
+``--tree DIR`` adds ``ours_tree`` and ``ours_receiver_tree``: the same two services run from another source tree
 (an older commit, say), interleaved with this tree's in the same run, so a change is measured side by side with
 what it replaces rather than against figures from another hour of a noisy machine.
 """
@@ -367,9 +371,9 @@ async def _purge(settings: Any) -> None:
 async def _emulator_ceiling(
     settings: Any, pool: list[tuple[str, str]], *, duration: float, concurrency: int
 ) -> dict[str, Any]:
-    """The emulator's own ceiling: the AWS calls one accepted callback makes (the ledger's fast path on a seeded
-    job, batched as the receiver batches it, then enqueue the work message), issued directly with no HTTP receiver
-    in front."""
+    """The emulator's own ceiling: the AWS calls one accepted callback makes with the ledger check in the
+    receiver (``ours_receiver``: the ledger's fast path on a seeded job, batched as the receiver batches it, then
+    enqueue the work message), issued directly with no HTTP receiver in front."""
     from pipeline.aws import open_clients
     from pipeline.callback_batch import TokenCallbackBatcher
     from pipeline.ledger import JobLedger
@@ -413,7 +417,7 @@ async def _emulator_ceiling(
     }
 
 
-OURS = ("ours", "ours_deferred", "ours_tree", "ours_deferred_tree")
+OURS = ("ours", "ours_receiver", "ours_tree", "ours_receiver_tree")
 TARGETS = ("bare", *OURS)
 
 
@@ -505,7 +509,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for name in OURS:
             if name not in names:
                 continue
-            at = "worker" if "deferred" in name else settings.ledger.token_callbacks_at
+            at = "receiver" if "receiver" in name else settings.ledger.token_callbacks_at
             ledger = settings.ledger.model_copy(update={"token_callbacks_at": at})
             tree = Path(a.tree).resolve() if name.endswith("_tree") else None
             env, cwd = ({"PYTHONPATH": str(tree)}, tree) if tree else ({}, None)
@@ -571,7 +575,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         ceiling["aws_cpu_pct"] = 100 * (cpu_seconds(aws_proc.pid) - aws0) / (time.monotonic() - t0)
         runs.append(ceiling)
         print(
-            f"  emulator ceiling (same AWS calls, no receiver) -> {ceiling['sustained_per_s']:7.1f}/s "
+            f"  emulator ceiling (ours_receiver's AWS calls, no receiver) -> {ceiling['sustained_per_s']:7.1f}/s "
             f"p50 {ceiling['p50_ms']:7.2f}ms p99 {ceiling['p99_ms']:8.2f}ms",
             flush=True,
         )
@@ -625,7 +629,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for s in out:
             if s["offered"].startswith("saturation") and s["target"].startswith("ours"):
                 s["ratio_to_bare"] = s["sustained_per_s"] / sat["bare"]
-                if sat.get("emulator") and s["target"] == "ours":  # the emulator makes ours' calls, not deferred's
+                if sat.get("emulator") and s["target"] == "ours_receiver":  # the emulator makes its calls
                     s["ratio_to_emulator"] = s["sustained_per_s"] / sat["emulator"]
     return out
 
@@ -667,7 +671,7 @@ def render(summary: list[dict[str, Any]], aws: str = "moto") -> str:
         if "ratio_to_bare" in s:
             text += f"\n\nsaturation: {s['target']} / bare = {s['ratio_to_bare']:.1%}"
             if "ratio_to_emulator" in s:
-                text += f"; / emulator ceiling (ours' AWS calls with no receiver) = {s['ratio_to_emulator']:.1%}"
+                text += f"; / emulator ceiling (its AWS calls with no receiver) = {s['ratio_to_emulator']:.1%}"
     return text
 
 
@@ -709,8 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--targets",
         help="comma-separated: bare (the ceiling), ours (LEDGER__TOKEN_CALLBACKS_AT as configured, default "
-        "receiver), ours_deferred (the same service with LEDGER__TOKEN_CALLBACKS_AT=worker); with --tree, also "
-        "ours_tree and ours_deferred_tree (default: all of them)",
+        "worker), ours_receiver (the same service with LEDGER__TOKEN_CALLBACKS_AT=receiver); with --tree, also "
+        "ours_tree and ours_receiver_tree (default: all of them)",
     )
     p.add_argument(
         "--tree",

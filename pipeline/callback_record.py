@@ -1,6 +1,7 @@
 """Counting a callback in the job ledger, and refusing one that is not ours: the check every callback passes,
-either in the receiver before it answers (the default) or, for token callbacks, in the worker when the work
-message arrives (``ledger.token_callbacks_at = "worker"``).
+for token callbacks in the worker when the work message arrives (``ledger.token_callbacks_at = "worker"``, the
+default), otherwise in the receiver before it answers (callouts without a token of ours always; token callbacks
+with ``"receiver"``).
 
 Where the check runs is a trade between what the receiver can tell Zuora and what a callback costs it:
 

@@ -181,7 +181,11 @@ class LedgerSettings(_Group):
     callback_max_calls: int = Field(default=2, ge=1, le=16)
     """Ledger calls the callback route may have in flight at once: with 2, one slow call (a stalled connection
     waits out the read timeout) does not hold up every other token callback of the replica."""
-    token_callbacks_at: Literal["receiver", "worker"] = "receiver"
+    token_callbacks_at: Literal["receiver", "worker"] = "worker"
+    """Where a callback with a valid token of ours is checked against the ledger and counted. ``worker`` (the
+    default): the receiver verifies the token, sends the work message and answers 202, so its answer depends on
+    SQS alone; the worker makes the check before any work. ``receiver``: before the answer (403 for another job's
+    token, 200 for a repeat), at the cost of a DynamoDB call in series with the SQS one."""
 
 
 class HttpSettings(_Group):

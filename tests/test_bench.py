@@ -142,7 +142,7 @@ def test_transfer_s3_option_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_callbacks_quick(tmp_path: Path) -> None:
     result = run_bench("bench.callbacks", tmp_path)
     runs = result["runs"]
-    assert {r["target"] for r in runs} == {"bare", "ours", "ours_deferred", "emulator"}
+    assert {r["target"] for r in runs} == {"bare", "ours", "ours_receiver", "emulator"}
     assert [r["sustained_per_s"] > 0 for r in runs if r["target"] == "emulator"] == [True]
     ours = [r for r in runs if r["target"] == "ours"]
     assert all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)  # authenticated, enqueued
@@ -153,15 +153,15 @@ def test_callbacks_quick(tmp_path: Path) -> None:
 def test_callbacks_quick_against_the_aws_stub(tmp_path: Path) -> None:
     result = run_bench("bench.callbacks", tmp_path, "--aws", "stub", "--aws-latency-ms", "1,2")
     assert (result["aws"], result["aws_latency_ms"]) == ("stub", [1.0, 2.0])
-    ours = [r for r in result["runs"] if r["target"] == "ours"]
-    assert ours and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)
-    for r in ours:  # each accepted callback counted once, alone or in a transaction; SQS messages batched
+    receiver = [r for r in result["runs"] if r["target"] == "ours_receiver"]
+    assert receiver and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in receiver)
+    for r in receiver:  # each accepted callback counted once, alone or in a transaction; SQS messages batched
         calls = r["aws_calls_per_ok"]
         assert calls.get("UpdateItem", 0) + calls.get("TransactWriteItems:items", 0) == pytest.approx(1)
         assert 0 < calls["SendMessageBatch"] <= 1 and calls.get("TransactWriteItems", 0) <= 0.5
-    deferred = [r for r in result["runs"] if r["target"] == "ours_deferred"]
-    assert deferred and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in deferred)
-    for r in deferred:  # the ledger check moved to the worker: the receiver only enqueues
+    ours = [r for r in result["runs"] if r["target"] == "ours"]
+    assert ours and all(r["ok"] > 0 and set(r["statuses"]) == {"202"} for r in ours)
+    for r in ours:  # as shipped, the ledger check is the worker's: the receiver only enqueues
         assert set(r["aws_calls_per_ok"]) == {"SendMessageBatch"} and 0 < r["aws_calls_per_ok"]["SendMessageBatch"] <= 1
 
 
@@ -177,7 +177,7 @@ def test_callback_urls_take_turns_across_replicas(tmp_path: Path) -> None:
 
 def test_callbacks_option_errors(capsys: Any) -> None:
     for argv, message in (
-        (["--targets", "ours,nginx"], "--targets takes a comma-separated list of bare, ours, ours_deferred"),
+        (["--targets", "ours,nginx"], "--targets takes a comma-separated list of bare, ours, ours_receiver"),
         (["--aws-latency-ms", "1,2,3"], "--aws-latency-ms takes DYNAMODB,SQS milliseconds"),
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--targets", "bare,ours_tree"], "the ours_tree targets need --tree DIR"),

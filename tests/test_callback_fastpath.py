@@ -1,4 +1,6 @@
-"""The token callback's fast path through the real service route, over loopback HTTP, on the moto server.
+"""The token callback's fast path through the real service route, over loopback HTTP, on the moto server, with
+the ledger check in the receiver (``LEDGER__TOKEN_CALLBACKS_AT=receiver``; the worker runs the same path for the
+default, ``worker``: test_callback_deferred.py).
 
 A callback whose token belongs to the job our submitter recorded costs one DynamoDB call (a conditional
 UpdateItem); every other token callback falls back to the general path (bind the token's submission first come,
@@ -24,7 +26,7 @@ from tests.test_callback_security import (
     call,
     callback_counts,
     callback_url,
-    security,
+    ledger_first,
     sim,
     submit_quietly,
     token_of,
@@ -50,7 +52,7 @@ def dynamodb_calls(stack: Stack) -> Iterator[list[str]]:
 
 
 async def test_submitted_jobs_callback_is_one_update_and_duplicates_are_still_caught(moto_server: MotoServer) -> None:
-    async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=ledger_first(), run_worker=False) as stack:
         stack.sim.faults.lose_callbacks = True
         a = await submit_quietly(stack, "fast")
         job_a, tok_a = a.job.id or "", token_of(a)
@@ -82,7 +84,7 @@ async def test_submitted_jobs_callback_is_one_update_and_duplicates_are_still_ca
 
 
 async def test_other_token_callbacks_take_the_general_path(moto_server: MotoServer) -> None:
-    async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=ledger_first(), run_worker=False) as stack:
         c = stack.components
         a, b = await two_quiet_jobs(stack)
         job_a, job_b = a.job.id or "", b.job.id or ""
@@ -130,7 +132,7 @@ async def test_other_token_callbacks_take_the_general_path(moto_server: MotoServ
 
 
 async def test_concurrent_token_callbacks_share_ledger_transactions(moto_server: MotoServer) -> None:
-    async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=ledger_first(), run_worker=False) as stack:
         c = stack.components
         jobs: list[tuple[str, str]] = []
         for _ in range(30):  # recorded as the submitter records them

@@ -65,6 +65,17 @@ def security(**changes: Any) -> Callable[[Settings], Settings]:
     return tweak
 
 
+def ledger_first(**changes: Any) -> Callable[[Settings], Settings]:
+    """:func:`security`, with token callbacks checked against the ledger by the receiver, before it answers
+    (``LEDGER__TOKEN_CALLBACKS_AT=receiver``; the default, ``worker``, is covered by test_callback_deferred.py)."""
+
+    def tweak(s: Settings) -> Settings:
+        s = security(**changes)(s)
+        return s.model_copy(update={"ledger": s.ledger.model_copy(update={"token_callbacks_at": "receiver"})})
+
+    return tweak
+
+
 def sim(step_delay_s: float = 0.01) -> SimulatorConfig:
     """A small simulator. Callout tests use a slower job: a UI callout carries no token, so a callout that
     arrives before the submission is in the ledger is answered 404 (and retried by Zuora)."""
@@ -128,7 +139,7 @@ async def test_tokens_accept_the_genuine_and_refuse_the_rest(
     moto_server: MotoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with running_stack(moto_server.url, sim_config=sim(), tweak=security(), run_worker=False) as stack:
+    async with running_stack(moto_server.url, sim_config=sim(), tweak=ledger_first(), run_worker=False) as stack:
         a, b = await two_quiet_jobs(stack)
         job_a, job_b = a.job.id or "", b.job.id or ""
         tok_a, tok_b = token_of(a), token_of(b)

@@ -1,8 +1,10 @@
 """AWS faults: the replicas reach moto only through :mod:`pipeline.testing.faultproxy`, which fails chosen
 operations. S3 answers 503 SlowDown / 500 InternalError on part uploads (sometimes more often than botocore
 retries, so the job's own retry path, message redelivery, runs too) and drops a connection; SNS and then SQS
-are unavailable for a few seconds. Work resumes when they return and nothing is lost: every job lands
-exactly once, and a callback that arrived while SQS was down (answered 503) is picked up by the reconciler.
+are unavailable for a few seconds, and DynamoDB too. Work resumes when they return and nothing is lost: every job
+lands exactly once, a callback that arrived while SQS was down (answered 503) is picked up by the reconciler, and
+one that arrived while DynamoDB was down is accepted (the receiver's answer needs SQS alone) and worked once the
+ledger is back.
 """
 
 from __future__ import annotations
@@ -157,3 +159,27 @@ async def test_sqs_outage_callbacks_answered_503_then_reconciled(moto_server: Mo
         result = await audit(stack, job_ids)
         assert result.lost == 0, result.row()
         print(f"sqs outage: injected={sum(proxy.faulted.values())} {result.row()}")
+
+
+async def test_dynamodb_outage_token_callbacks_accepted_then_land(moto_server: MotoServer, fleet: Fleet) -> None:
+    """The default ``LEDGER__TOKEN_CALLBACKS_AT=worker``: the receiver's answer to a token callback makes no
+    DynamoDB call, so an outage of the ledger does not refuse callbacks; the worker's ledger check fails, the
+    message comes back later, and the job lands then. No reconciler: the callbacks alone must carry the jobs."""
+    async with fault_stack(moto_server.url, fleet, replicas=1, visibility_s=10) as fs:
+        stack, proxy = fs.stack, fs.proxy
+        proxy.add("dynamodb", for_s=8)
+        started = time.monotonic()
+        job_ids = await submit(stack, 3, name="ddb")  # the test's submitter reaches moto directly
+        await asyncio.gather(*(stack.sim.wait_job(j) for j in job_ids))
+        await stack.sim.settle_callbacks()
+        assert time.monotonic() - started < 8, "the callbacks should have come during the outage"
+        answered = [c["status"] for c in stack.sim.callback_log if c.get("job_id") in job_ids]
+        assert answered and set(answered) == {202}, answered
+        for job_id in job_ids:  # nothing of them reached the ledger yet
+            item = await stack.components.ledger.get(job_id)
+            assert item is not None and item.callback_count == 0, item
+        await wait_all_final(stack, job_ids, timeout_s=60, fleet=fleet)
+        assert proxy.faulted[("dynamodb", "UpdateItem")] + proxy.faulted[("dynamodb", "TransactWriteItems")] >= 3
+        result = await audit(stack, job_ids)
+        assert result.lost == 0, result.row()
+        print(f"dynamodb outage: injected={sum(proxy.faulted.values())} {result.row()}")
