@@ -1,9 +1,12 @@
 """End-to-end latency: from the simulator's callback to the completion event on an SQS subscriber queue,
 through the whole local deployment (``pipeline.testing.stack.running_stack``: simulator, service with its
 worker, moto). One small job several times, then a burst of concurrent small jobs; each with the worker's
-long-poll ``wait_time_s`` at 1 s (as in ``running_stack``) and at the production default (10 s).
+long-poll ``wait_time_s`` at 1 s (as in ``running_stack``) and at the production default (10 s), and with
+``--token-callbacks-at worker,receiver`` each where token callbacks are checked against the ledger (the default:
+as shipped), interleaved.
 
     python -m bench.e2e --repeat 5 --burst 100
+    python -m bench.e2e --repeat 5 --burst 100 --wait-times 1 --token-callbacks-at worker,receiver
     python -m bench.e2e --quick
 """
 
@@ -84,29 +87,31 @@ async def _round(stack: Stack, jobs: int, timeout_s: float) -> dict[str, Any]:
     }
 
 
-def _tweak(wait_s: int) -> Any:
+def _tweak(wait_s: int, at: str) -> Any:
     def tweak(s: Settings) -> Settings:
         q: QueueSettings = s.queue.model_copy(update={"wait_time_s": wait_s})
-        return s.model_copy(update={"queue": q})
+        return s.model_copy(update={"queue": q, "ledger": s.ledger.model_copy(update={"token_callbacks_at": at})})
 
     return tweak
 
 
-async def _scenario(moto_url: str, wait_s: int, repeat: int, burst: int) -> list[dict[str, Any]]:
+async def _scenario(moto_url: str, wait_s: int, at: str, repeat: int, burst: int) -> list[dict[str, Any]]:
     # AQuA caps a tenant at 50 concurrent jobs (error 90028); the burst needs more, so the simulator allows it.
     sim = SimulatorConfig(step_delay_s=0.02, rows={"Account": 100}, max_concurrent_jobs=max(50, burst + 10))
     out: list[dict[str, Any]] = []
-    async with running_stack(moto_url, sim_config=sim, tweak=_tweak(wait_s)) as stack:
+    async with running_stack(moto_url, sim_config=sim, tweak=_tweak(wait_s, at)) as stack:
         await _round(stack, 1, 60)  # warm up: connections, tokens, first-call costs
         for rep in range(repeat):
             r = await _round(stack, 1, 60)
-            out.append({"scenario": "one job", "wait_time_s": wait_s, "rep": rep, **r})
-            print(f"  wait {wait_s:2d}s one job      p50 {r['p50_s'] * 1000:7.0f} ms", flush=True)
+            out.append({"scenario": "one job", "wait_time_s": wait_s, "token_callbacks_at": at, "rep": rep, **r})
+            print(f"  wait {wait_s:2d}s {at:8s} one job      p50 {r['p50_s'] * 1000:7.0f} ms", flush=True)
         if burst:
             r = await _round(stack, burst, 300)
-            out.append({"scenario": f"{burst} concurrent jobs", "wait_time_s": wait_s, "rep": 0, **r})
+            out.append(
+                {"scenario": f"{burst} concurrent jobs", "wait_time_s": wait_s, "token_callbacks_at": at, "rep": 0, **r}
+            )
             print(
-                f"  wait {wait_s:2d}s {burst} jobs  p50 {r['p50_s']:6.2f}s p99 {r['p99_s']:6.2f}s "
+                f"  wait {wait_s:2d}s {at:8s} {burst} jobs  p50 {r['p50_s']:6.2f}s p99 {r['p99_s']:6.2f}s "
                 f"{r['jobs_per_s']:6.2f} jobs/s",
                 flush=True,
             )
@@ -114,15 +119,17 @@ async def _scenario(moto_url: str, wait_s: int, repeat: int, burst: int) -> list
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (scenario, wait_time_s): latency percentiles over every job of every repetition, and throughput."""
+    """Per (scenario, wait_time_s, token_callbacks_at): latency percentiles over every job of every repetition,
+    and throughput."""
     out = []
-    for key in dict.fromkeys((r["scenario"], r["wait_time_s"]) for r in runs):
-        rs = [r for r in runs if (r["scenario"], r["wait_time_s"]) == key]
+    for key in dict.fromkeys((r["scenario"], r["wait_time_s"], r["token_callbacks_at"]) for r in runs):
+        rs = [r for r in runs if (r["scenario"], r["wait_time_s"], r["token_callbacks_at"]) == key]
         lat = [x for r in rs for x in r["latencies_s"]]
         out.append(
             {
                 "scenario": key[0],
                 "wait_time_s": key[1],
+                "token_callbacks_at": key[2],
                 "samples": len(lat),
                 "p50_ms": percentile(lat, 50) * 1000,
                 "p99_ms": percentile(lat, 99) * 1000,
@@ -135,8 +142,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table."""
-    headers = ["scenario", "worker wait_time_s", "samples", "p50 ms", "p99 ms", "max ms", "jobs/s"]
-    keys = ["scenario", "wait_time_s", "samples", "p50_ms", "p99_ms", "max_ms", "jobs_per_s"]
+    headers = ["scenario", "worker wait_time_s", "token callbacks at", "samples", "p50 ms", "p99 ms", "max ms"]
+    headers += ["jobs/s"]
+    keys = ["scenario", "wait_time_s", "token_callbacks_at", "samples", "p50_ms", "p99_ms", "max_ms", "jobs_per_s"]
     return table(headers, [[s[k] for k in keys] for s in summary])
 
 
@@ -146,16 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="one-job rounds per wait time")
     p.add_argument("--burst", type=int, default=100, help="concurrent jobs in the burst round (0: none)")
     p.add_argument("--wait-times", default="1,10", help="worker long-poll wait_time_s values to compare")
+    p.add_argument(
+        "--token-callbacks-at",
+        default=Settings().ledger.token_callbacks_at,
+        help="comma-separated LEDGER__TOKEN_CALLBACKS_AT values to compare, each run in turn (default: as shipped)",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke: 2 one-job rounds, a burst of 3, wait 1 s")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
+    modes = [m for m in a.token_callbacks_at.split(",") if m]
+    if not modes or set(modes) - {"worker", "receiver"}:
+        p.error(f"--token-callbacks-at takes worker and/or receiver, got {a.token_callbacks_at!r}")
     if a.quick:
         a.repeat, a.burst, a.wait_times = 2, 3, "1"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     runs: list[dict[str, Any]] = []
     with moto() as server:
         for wait_s in (int(w) for w in a.wait_times.split(",")):
-            runs += asyncio.run(_scenario(server.url, wait_s, a.repeat, a.burst))
+            for at in modes:
+                runs += asyncio.run(_scenario(server.url, wait_s, at, a.repeat, a.burst))
     result: dict[str, Any] = {
         "bench": "e2e",
         "command": command_line("bench.e2e"),

@@ -14,6 +14,7 @@ import pytest
 
 import bench.callbacks
 import bench.common
+import bench.e2e
 import bench.transfer
 from bench.common import RcloneUnavailable, find_rclone, parse_size, percentile, table
 
@@ -186,6 +187,13 @@ def test_callbacks_option_errors(capsys: Any) -> None:
         with pytest.raises(SystemExit) as exit_info:
             bench.callbacks.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_e2e_option_errors(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.e2e.main(["--token-callbacks-at", "worker,later"])
+    assert exit_info.value.code == 2
+    assert "--token-callbacks-at takes worker and/or receiver, got 'worker,later'" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
