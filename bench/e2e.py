@@ -24,7 +24,7 @@ import orjson
 from bench.common import command_line, machine, median, moto, percentile, table, write_results
 from pipeline.aqua.models import SubmitRequest
 from pipeline.aqua.simulator import SimulatorConfig
-from pipeline.settings import QueueSettings, Settings
+from pipeline.settings import LedgerSettings, QueueSettings, Settings
 from pipeline.testing.stack import Stack, running_stack
 
 SMALL = SubmitRequest.model_validate(
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-times", default="1,10", help="worker long-poll wait_time_s values to compare")
     p.add_argument(
         "--token-callbacks-at",
-        default=Settings().ledger.token_callbacks_at,
+        default=LedgerSettings.model_fields["token_callbacks_at"].default,
         help="comma-separated LEDGER__TOKEN_CALLBACKS_AT values to compare, each run in turn (default: as shipped)",
     )
     p.add_argument("--quick", action="store_true", help="CI smoke: 2 one-job rounds, a burst of 3, wait 1 s")

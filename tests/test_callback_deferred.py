@@ -26,17 +26,14 @@ from tests.test_callback_security import (
     call,
     callback_counts,
     callback_url,
-    security,
+    checked_at,
     sim,
     submit_quietly,
     token_of,
     two_quiet_jobs,
 )
 
-
-def deferred(s: Settings) -> Settings:
-    s = security()(s)
-    return s.model_copy(update={"ledger": s.ledger.model_copy(update={"token_callbacks_at": "worker"})})
+deferred = checked_at("worker")
 
 
 async def queue_counts(stack: Stack) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -65,15 +65,21 @@ def security(**changes: Any) -> Callable[[Settings], Settings]:
     return tweak
 
 
-def ledger_first(**changes: Any) -> Callable[[Settings], Settings]:
-    """:func:`security`, with token callbacks checked against the ledger by the receiver, before it answers
-    (``LEDGER__TOKEN_CALLBACKS_AT=receiver``; the default, ``worker``, is covered by test_callback_deferred.py)."""
+def checked_at(at: Literal["receiver", "worker"], **changes: Any) -> Callable[[Settings], Settings]:
+    """:func:`security`, with token callbacks checked against the ledger where ``at`` says
+    (``LEDGER__TOKEN_CALLBACKS_AT``)."""
 
     def tweak(s: Settings) -> Settings:
         s = security(**changes)(s)
-        return s.model_copy(update={"ledger": s.ledger.model_copy(update={"token_callbacks_at": "receiver"})})
+        return s.model_copy(update={"ledger": s.ledger.model_copy(update={"token_callbacks_at": at})})
 
     return tweak
+
+
+def ledger_first(**changes: Any) -> Callable[[Settings], Settings]:
+    """Token callbacks checked by the receiver, before it answers; the default, ``worker``, is covered by
+    test_callback_deferred.py."""
+    return checked_at("receiver", **changes)
 
 
 def sim(step_delay_s: float = 0.01) -> SimulatorConfig:
